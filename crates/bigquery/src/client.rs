@@ -1,0 +1,353 @@
+//! The BigQuery v2 REST calls tenantsync makes, for one tenant's dataset.
+
+use crate::auth::{Credentials, TokenSource};
+use crate::error::BqError;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tenantsync_core::mapping::BqField;
+
+/// Where the API lives: Google, or the local emulator (`BIGQUERY_EMULATOR_HOST`, the variable
+/// Google's own client libraries read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub base_url: String,
+    pub emulator: bool,
+}
+
+impl Endpoint {
+    pub fn google() -> Self {
+        Self {
+            base_url: "https://bigquery.googleapis.com/bigquery/v2".into(),
+            emulator: false,
+        }
+    }
+
+    /// `host:port` of the emulator, or a full URL (used by tests that put a proxy in front).
+    pub fn emulator(host: &str) -> Self {
+        let base = if host.starts_with("http://") || host.starts_with("https://") {
+            host.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{host}")
+        };
+        Self {
+            base_url: format!("{base}/bigquery/v2"),
+            emulator: true,
+        }
+    }
+
+    pub fn from_env_value(host: Option<&str>) -> Self {
+        match host {
+            Some(h) if !h.is_empty() => Self::emulator(h),
+            _ => Self::google(),
+        }
+    }
+}
+
+/// A rejected row of an insertAll call. `reason` is BigQuery's: `invalid` for the offending
+/// rows, `stopped` for the rows that were fine but not inserted because of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    pub index: usize,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InsertOutcome {
+    pub row_errors: Vec<RowError>,
+}
+
+/// A client for one tenant: its credentials, its project and dataset.
+#[derive(Clone)]
+pub struct BigQuery {
+    http: reqwest::Client,
+    base: String,
+    project: String,
+    dataset: String,
+    tokens: TokenSource,
+}
+
+impl std::fmt::Debug for BigQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BigQuery")
+            .field("base", &self.base)
+            .field("project", &self.project)
+            .field("dataset", &self.dataset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one we build with.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl BigQuery {
+    pub async fn new(
+        endpoint: &Endpoint,
+        project: &str,
+        dataset: &str,
+        creds: &Credentials,
+        timeout: Duration,
+    ) -> Result<Self, BqError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| BqError::Invalid(format!("cannot build HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: endpoint.base_url.clone(),
+            project: project.to_string(),
+            dataset: dataset.to_string(),
+            tokens: TokenSource::new(creds).await?,
+        })
+    }
+
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    /// `project.dataset.table` quoted for Standard SQL.
+    pub fn qualified(&self, table: &str) -> String {
+        format!("`{}.{}.{}`", self.project, self.dataset, table)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, BqError> {
+        let token = self.tokens.token().await?;
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        if !(200..300).contains(&status) {
+            return Err(BqError::from_response(status, &text));
+        }
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| BqError::Transient(format!("unreadable response ({e}) from {path}")))
+    }
+
+    fn ds_path(&self) -> String {
+        format!("/projects/{}/datasets/{}", self.project, self.dataset)
+    }
+
+    /// Create the dataset when missing. Returns whether it was created.
+    pub async fn ensure_dataset(&self) -> Result<bool, BqError> {
+        match self.call(Method::GET, &self.ds_path(), None).await {
+            Ok(_) => return Ok(false),
+            Err(BqError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let body =
+            json!({"datasetReference": {"projectId": self.project, "datasetId": self.dataset}});
+        match self
+            .call(
+                Method::POST,
+                &format!("/projects/{}/datasets", self.project),
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(BqError::AlreadyExists(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete the dataset and everything in it (tenant removal, tests).
+    pub async fn delete_dataset(&self) -> Result<(), BqError> {
+        match self
+            .call(
+                Method::DELETE,
+                &format!("{}?deleteContents=true", self.ds_path()),
+                None,
+            )
+            .await
+        {
+            Ok(_) | Err(BqError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The table's schema, or None when it does not exist.
+    pub async fn table_schema(&self, table: &str) -> Result<Option<Vec<Value>>, BqError> {
+        match self
+            .call(
+                Method::GET,
+                &format!("{}/tables/{table}", self.ds_path()),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(Some(
+                v["schema"]["fields"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            )),
+            Err(BqError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create a table. Returns false when it exists already.
+    pub async fn create_table(&self, table: &str, fields: &[BqField]) -> Result<bool, BqError> {
+        let body = json!({
+            "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": table},
+            "schema": {"fields": fields},
+        });
+        match self
+            .call(
+                Method::POST,
+                &format!("{}/tables", self.ds_path()),
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(BqError::AlreadyExists(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replace the schema with `fields` (which must keep every existing field).
+    pub async fn patch_schema(&self, table: &str, fields: &[Value]) -> Result<(), BqError> {
+        let body = json!({"schema": {"fields": fields}});
+        self.call(
+            Method::PATCH,
+            &format!("{}/tables/{table}", self.ds_path()),
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Create a view, or replace its query when it exists.
+    pub async fn put_view(&self, name: &str, sql: &str) -> Result<(), BqError> {
+        let body = json!({
+            "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": name},
+            "view": {"query": sql, "useLegacySql": false},
+        });
+        match self
+            .call(
+                Method::POST,
+                &format!("{}/tables", self.ds_path()),
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(BqError::AlreadyExists(_)) => {
+                let patch = json!({"view": {"query": sql, "useLegacySql": false}});
+                self.call(
+                    Method::PATCH,
+                    &format!("{}/tables/{name}", self.ds_path()),
+                    Some(patch.to_string().into_bytes()),
+                )
+                .await
+                .map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// insertAll with rows already serialized as `{"insertId":…,"json":{…}}`. The body is
+    /// assembled from those strings without re-parsing them.
+    pub async fn insert_all(&self, table: &str, rows: &[&str]) -> Result<InsertOutcome, BqError> {
+        let len: usize = rows.iter().map(|r| r.len() + 1).sum::<usize>() + 64;
+        let mut body = Vec::with_capacity(len);
+        body.extend_from_slice(br#"{"skipInvalidRows":false,"ignoreUnknownValues":false,"rows":["#);
+        for (i, r) in rows.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(r.as_bytes());
+        }
+        body.extend_from_slice(b"]}");
+        let v = self
+            .call(
+                Method::POST,
+                &format!("{}/tables/{table}/insertAll", self.ds_path()),
+                Some(body),
+            )
+            .await?;
+        let mut row_errors = Vec::new();
+        for e in v["insertErrors"].as_array().into_iter().flatten() {
+            let index = e["index"].as_u64().unwrap_or(0) as usize;
+            let first = &e["errors"][0];
+            row_errors.push(RowError {
+                index,
+                reason: first["reason"].as_str().unwrap_or("unknown").to_string(),
+                message: first["message"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        Ok(InsertOutcome { row_errors })
+    }
+
+    /// Run a Standard SQL query and return its rows as JSON values (`f[i].v`), following pages.
+    pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Value>>, BqError> {
+        // Integer microseconds for TIMESTAMP: the default (float seconds) loses precision.
+        let body = json!({"query": sql, "useLegacySql": false, "timeoutMs": 60000, "maxResults": 10000,
+                          "formatOptions": {"useInt64Timestamp": true}});
+        let mut v = self
+            .call(
+                Method::POST,
+                &format!("/projects/{}/queries", self.project),
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+        let job_id = v["jobReference"]["jobId"].as_str().map(str::to_string);
+        let mut out = Vec::new();
+        loop {
+            if v["jobComplete"].as_bool() == Some(false) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else {
+                for row in v["rows"].as_array().into_iter().flatten() {
+                    out.push(
+                        row["f"]
+                            .as_array()
+                            .map(|fs| fs.iter().map(|f| f["v"].clone()).collect())
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            let token = v["pageToken"].as_str().map(str::to_string);
+            let incomplete = v["jobComplete"].as_bool() == Some(false);
+            let Some(job) = job_id.as_deref() else { break };
+            if token.is_none() && !incomplete {
+                break;
+            }
+            let mut path = format!(
+                "/projects/{}/queries/{job}?maxResults=10000&formatOptions.useInt64Timestamp=true",
+                self.project
+            );
+            if let Some(t) = token {
+                path.push_str(&format!("&pageToken={t}"));
+            }
+            v = self.call(Method::GET, &path, None).await?;
+        }
+        Ok(out)
+    }
+}

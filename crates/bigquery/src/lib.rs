@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod schema;
+
+pub use auth::{Credentials, ServiceAccount};
+pub use client::{BigQuery, Endpoint, InsertOutcome, RowError};
+pub use error::{BqError, Retry};
+
+/// Log directives every subscriber must add last: yup-oauth2 prints token responses and cached
+/// tokens at `debug`, and the HTTP stack can print headers at `trace`. Clamping them keeps
+/// access tokens out of logs at any level an operator picks.
+pub const SECRET_SAFE_LOG_DIRECTIVES: [&str; 6] = [
+    "yup_oauth2=warn",
+    "hyper=info",
+    "hyper_util=info",
+    "reqwest=info",
+    "h2=info",
+    "rustls=info",
+];

@@ -1,0 +1,99 @@
+//! Schema sync: create the table, add columns that appeared in Postgres, keep the views right.
+
+use crate::client::BigQuery;
+use crate::error::BqError;
+use serde_json::Value;
+use tenantsync_core::mapping::{metadata_fields, BqField, BqType, FieldMode};
+
+/// The full BigQuery schema of a synced table: source columns, then metadata columns.
+pub fn table_fields(source: &[BqField]) -> Vec<BqField> {
+    let mut f = source.to_vec();
+    f.extend(metadata_fields());
+    f
+}
+
+/// `<table>_latest`: one row per key, the newest version, deletes removed. Ordering ties on
+/// `_source_ts` (two versions with the same cursor value) are broken by sync time, then id, so
+/// the choice is deterministic.
+pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
+    let keys = keys
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
+         ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) AS _rn FROM {}) \
+         WHERE _rn = 1 AND _op != 'delete'",
+        client.qualified(table)
+    )
+}
+
+/// What `sync_table` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaChange {
+    Unchanged,
+    Created,
+    Added(Vec<String>),
+}
+
+fn field_type(v: &Value) -> Option<BqType> {
+    v["type"].as_str().and_then(BqType::parse)
+}
+
+/// Make the BigQuery table match the source: create it, or add missing columns. A column whose
+/// type changed incompatibly is an error naming it; nothing is changed in that case.
+pub async fn sync_table(
+    client: &BigQuery,
+    table: &str,
+    source: &[BqField],
+) -> Result<SchemaChange, BqError> {
+    let wanted = table_fields(source);
+    // Create first: for a new table that is one call instead of two.
+    if client.create_table(table, &wanted).await? {
+        return Ok(SchemaChange::Created);
+    }
+    let Some(existing) = client.table_schema(table).await? else {
+        return Err(BqError::Transient(format!(
+            "table {table} exists but cannot be read"
+        )));
+    };
+    let mut fields = existing.clone();
+    let mut added = Vec::new();
+    for w in &wanted {
+        match existing
+            .iter()
+            .find(|e| e["name"].as_str() == Some(w.name.as_str()))
+        {
+            Some(e) => {
+                let repeated = e["mode"].as_str() == Some("REPEATED");
+                if field_type(e) != Some(w.field_type)
+                    || repeated != (w.mode == FieldMode::Repeated)
+                {
+                    return Err(BqError::SchemaIncompatible(format!(
+                        "column {:?} is {}{} in BigQuery table {table} but the source now maps it to {}{}",
+                        w.name,
+                        if repeated { "REPEATED " } else { "" },
+                        e["type"].as_str().unwrap_or("?"),
+                        if w.mode == FieldMode::Repeated { "REPEATED " } else { "" },
+                        w.field_type.as_str()
+                    )));
+                }
+            }
+            None => {
+                // New columns are always NULLABLE (or REPEATED): old rows have no value.
+                let mut f = w.clone();
+                if f.mode == FieldMode::Required {
+                    f.mode = FieldMode::Nullable;
+                }
+                fields.push(serde_json::to_value(&f).expect("field serializes"));
+                added.push(w.name.clone());
+            }
+        }
+    }
+    if added.is_empty() {
+        return Ok(SchemaChange::Unchanged);
+    }
+    client.patch_schema(table, &fields).await?;
+    Ok(SchemaChange::Added(added))
+}

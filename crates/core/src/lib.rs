@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+
+pub mod chunk;
+pub mod crypto;
+pub mod ident;
+pub mod insert_id;
+pub mod mapping;
+pub mod model;
+
+pub use model::{Mode, TableSpec, Tenant, TenantStatus};

@@ -1,0 +1,126 @@
+//! Tenants and table specs as the control plane stores them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Lifecycle of a tenant. Only `Active` tenants are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantStatus {
+    Active,
+    Paused,
+    CredentialsInvalid,
+}
+
+impl TenantStatus {
+    pub const ALL: [TenantStatus; 3] = [Self::Active, Self::Paused, Self::CredentialsInvalid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::CredentialsInvalid => "credentials_invalid",
+        }
+    }
+}
+
+impl fmt::Display for TenantStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TenantStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown tenant status {s:?}"))
+    }
+}
+
+/// How versions are kept in the tenant's dataset (DESIGN.md, "What lands in the tenant's dataset").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Row versions, a `<table>_latest` view, compaction of superseded versions.
+    #[default]
+    Latest,
+    /// Every version kept forever.
+    History,
+    /// Partial rows merged into `<table>_final`.
+    Merge,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Self::Latest, Self::History, Self::Merge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Latest => "latest",
+            Self::History => "history",
+            Self::Merge => "merge",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown mode {s:?} (expected latest, history or merge)"))
+    }
+}
+
+/// A tenant: one source organization synced into one BigQuery dataset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tenant {
+    pub id: i64,
+    pub slug: String,
+    /// Value of the tenant column in the source tables, as text (cast to the column's type in SQL).
+    pub organization_id: String,
+    pub bq_project: String,
+    pub bq_dataset: String,
+    pub status: TenantStatus,
+    pub has_credentials: bool,
+    /// insertAll budget of this tenant across all workers (None: the deployment default).
+    pub max_requests_per_s: Option<f64>,
+    pub max_rows_per_s: Option<f64>,
+}
+
+/// A source table and how to sync it; the same spec applies to every tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableSpec {
+    pub id: i64,
+    pub source_schema: String,
+    pub source_table: String,
+    pub key_columns: Vec<String>,
+    pub cursor_column: String,
+    pub tenant_column: String,
+    pub mode: Mode,
+    pub enabled: bool,
+    pub sync_interval_ms: i32,
+    pub slice_rows: i32,
+}
+
+impl TableSpec {
+    /// Name of the table in the tenant's dataset. Non-default schemas are prefixed so that
+    /// `a.users` and `b.users` cannot collide.
+    pub fn bq_table(&self) -> String {
+        if self.source_schema == "public" {
+            self.source_table.clone()
+        } else {
+            format!("{}__{}", self.source_schema, self.source_table)
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The control plane: tenants, sealed credentials, table specs, sync state and the run log.
+
+pub mod dead_letters;
+pub mod tasks;
+
+use crate::error::{Result, StoreError};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use tenantsync_core::crypto::Sealed;
+use tenantsync_core::{Mode, TableSpec, Tenant, TenantStatus};
+
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    pool: PgPool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    pub slug: String,
+    pub organization_id: String,
+    pub bq_project: String,
+    pub bq_dataset: String,
+}
+
+/// Credentials to store with a new tenant. `seal` receives the new tenant's id because the id
+/// is the ciphertext's associated data.
+pub struct NewCredentials<'a> {
+    pub seal: &'a dyn Fn(i64) -> Sealed,
+    pub client_email: Option<&'a str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTableSpec {
+    pub source_schema: String,
+    pub source_table: String,
+    pub key_columns: Vec<String>,
+    pub cursor_column: String,
+    pub tenant_column: String,
+    pub mode: Mode,
+    pub sync_interval_ms: i32,
+    pub slice_rows: i32,
+}
+
+/// One line of `tenantsync status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    pub tenant: String,
+    pub tenant_status: String,
+    pub table: String,
+    pub rows_synced: i64,
+    pub watermark: Option<String>,
+    pub synced_through: Option<DateTime<Utc>>,
+    pub lag_seconds: Option<f64>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: i32,
+}
+
+const TENANT_COLUMNS: &str =
+    "t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.status, \
+     t.max_requests_per_s, t.max_rows_per_s, \
+     EXISTS (SELECT 1 FROM tenant_credentials c WHERE c.tenant_id = t.id) AS has_credentials";
+
+fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
+    let status: String = r.try_get("status")?;
+    Ok(Tenant {
+        id: r.try_get("id")?,
+        slug: r.try_get("slug")?,
+        organization_id: r.try_get("organization_id")?,
+        bq_project: r.try_get("bq_project")?,
+        bq_dataset: r.try_get("bq_dataset")?,
+        status: status.parse().map_err(StoreError::Invalid)?,
+        has_credentials: r.try_get("has_credentials")?,
+        max_requests_per_s: r.try_get("max_requests_per_s")?,
+        max_rows_per_s: r.try_get("max_rows_per_s")?,
+    })
+}
+
+fn spec_from_row(r: &sqlx::postgres::PgRow) -> Result<TableSpec> {
+    let mode: String = r.try_get("mode")?;
+    Ok(TableSpec {
+        id: r.try_get("id")?,
+        source_schema: r.try_get("source_schema")?,
+        source_table: r.try_get("source_table")?,
+        key_columns: r.try_get("key_columns")?,
+        cursor_column: r.try_get("cursor_column")?,
+        tenant_column: r.try_get("tenant_column")?,
+        mode: mode.parse().map_err(StoreError::Invalid)?,
+        enabled: r.try_get("enabled")?,
+        sync_interval_ms: r.try_get("sync_interval_ms")?,
+        slice_rows: r.try_get("slice_rows")?,
+    })
+}
+
+impl ControlPlane {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Create a tenant, its sealed credentials (if any) and a sync-state row for every table
+    /// spec, in one transaction: a tenant never exists half-onboarded.
+    pub async fn add_tenant(
+        &self,
+        t: &NewTenant,
+        creds: Option<NewCredentials<'_>>,
+    ) -> Result<Tenant> {
+        let mut tx = self.pool.begin().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset)
+             VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(&t.slug)
+        .bind(&t.organization_id)
+        .bind(&t.bq_project)
+        .bind(&t.bq_dataset)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!(
+                "a tenant with slug {:?} or dataset {}.{} exists already",
+                t.slug, t.bq_project, t.bq_dataset
+            )),
+            other => other,
+        })?;
+        if let Some(NewCredentials {
+            seal,
+            client_email: email,
+        }) = creds
+        {
+            let s = seal(id);
+            sqlx::query(
+                "INSERT INTO tenant_credentials (tenant_id, key_id, nonce, ciphertext, client_email)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(&s.key_id)
+            .bind(&s.nonce)
+            .bind(&s.ciphertext)
+            .bind(email)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO sync_state (tenant_id, table_id) SELECT $1, id FROM table_specs
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.tenant(&t.slug).await
+    }
+
+    pub async fn tenant(&self, slug: &str) -> Result<Tenant> {
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants t WHERE t.slug = $1"
+        ))
+        .bind(slug)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no tenant with slug {slug:?}")))?;
+        tenant_from_row(&row)
+    }
+
+    pub async fn tenant_by_id(&self, id: i64) -> Result<Tenant> {
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants t WHERE t.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no tenant with id {id}")))?;
+        tenant_from_row(&row)
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants t ORDER BY t.slug"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    pub async fn set_tenant_status(
+        &self,
+        tenant_id: i64,
+        status: TenantStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET status = $2, status_reason = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(tenant_id)
+        .bind(status.as_str())
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replace a tenant's key (sealed for it) and make it active again, in one transaction.
+    pub async fn rotate_credentials(
+        &self,
+        tenant_id: i64,
+        sealed: &Sealed,
+        client_email: Option<&str>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenant_credentials (tenant_id, key_id, nonce, ciphertext, client_email)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant_id) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce,
+                 ciphertext = excluded.ciphertext, client_email = excluded.client_email,
+                 created_at = now()",
+        )
+        .bind(tenant_id)
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(client_email)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE tenants SET status = 'active', status_reason = NULL, updated_at = now()
+             WHERE id = $1 AND status = 'credentials_invalid'",
+        )
+        .bind(tenant_id)
+        .execute(&mut *tx)
+        .await?;
+        // Tasks that backed off while the key was bad run again at once.
+        sqlx::query("UPDATE sync_state SET next_run_at = now() WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Set (or clear, with None) a tenant's insertAll budget.
+    pub async fn set_tenant_limits(
+        &self,
+        slug: &str,
+        requests_per_s: Option<f64>,
+        rows_per_s: Option<f64>,
+    ) -> Result<Tenant> {
+        let done = sqlx::query(
+            "UPDATE tenants SET max_requests_per_s = $2, max_rows_per_s = $3, updated_at = now()
+             WHERE slug = $1",
+        )
+        .bind(slug)
+        .bind(requests_per_s)
+        .bind(rows_per_s)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no tenant with slug {slug:?}"
+            )));
+        }
+        self.tenant(slug).await
+    }
+
+    pub async fn credentials(&self, tenant_id: i64) -> Result<Option<Sealed>> {
+        let row = sqlx::query(
+            "SELECT key_id, nonce, ciphertext FROM tenant_credentials WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(Sealed {
+                key_id: r.try_get("key_id")?,
+                nonce: r.try_get("nonce")?,
+                ciphertext: r.try_get("ciphertext")?,
+            }),
+        })
+    }
+
+    /// Register a table spec and a sync-state row for every tenant.
+    pub async fn add_table(&self, s: &NewTableSpec) -> Result<TableSpec> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO table_specs (source_schema, source_table, key_columns, cursor_column,
+                                      tenant_column, mode, sync_interval_ms, slice_rows)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+        )
+        .bind(&s.source_schema)
+        .bind(&s.source_table)
+        .bind(&s.key_columns)
+        .bind(&s.cursor_column)
+        .bind(&s.tenant_column)
+        .bind(s.mode.as_str())
+        .bind(s.sync_interval_ms)
+        .bind(s.slice_rows)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!(
+                "table {}.{} is registered already",
+                s.source_schema, s.source_table
+            )),
+            other => other,
+        })?;
+        let spec = spec_from_row(&row)?;
+        sqlx::query(
+            "INSERT INTO sync_state (tenant_id, table_id) SELECT id, $1 FROM tenants
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(spec.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(spec)
+    }
+
+    pub async fn tables(&self) -> Result<Vec<TableSpec>> {
+        let rows = sqlx::query("SELECT * FROM table_specs ORDER BY source_schema, source_table")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(spec_from_row).collect()
+    }
+
+    pub async fn table(&self, id: i64) -> Result<TableSpec> {
+        let row = sqlx::query("SELECT * FROM table_specs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no table spec with id {id}")))?;
+        spec_from_row(&row)
+    }
+
+    /// Per tenant and table: rows synced, watermark, lag (computed here from `synced_through`
+    /// and change-detection coverage, so it keeps growing when no worker or coordinator runs),
+    /// last error.
+    pub async fn status(&self) -> Result<Vec<StatusRow>> {
+        let rows = sqlx::query(
+            "SELECT tn.slug, tn.status, ts.source_table, ts.source_schema, s.rows_synced,
+                    s.watermark_cursor, s.watermark_key,
+                    effective_synced_through(s, cs) AS synced_through,
+                    extract(epoch FROM now() - effective_synced_through(s, cs))::float8 AS lag_seconds,
+                    s.last_success_at, s.last_error, s.consecutive_failures
+             FROM sync_state s
+             JOIN tenants tn ON tn.id = s.tenant_id
+             JOIN table_specs ts ON ts.id = s.table_id
+             LEFT JOIN change_scans cs ON cs.table_id = s.table_id
+             ORDER BY tn.slug, ts.source_schema, ts.source_table",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let cursor: Option<String> = r.try_get("watermark_cursor")?;
+                let key: Option<Vec<String>> = r.try_get("watermark_key")?;
+                let schema: String = r.try_get("source_schema")?;
+                let table: String = r.try_get("source_table")?;
+                Ok(StatusRow {
+                    tenant: r.try_get("slug")?,
+                    tenant_status: r.try_get("status")?,
+                    table: if schema == "public" {
+                        table
+                    } else {
+                        format!("{schema}.{table}")
+                    },
+                    rows_synced: r.try_get("rows_synced")?,
+                    watermark: cursor
+                        .map(|c| format!("{c} / {}", key.unwrap_or_default().join(","))),
+                    synced_through: r.try_get("synced_through")?,
+                    lag_seconds: r.try_get("lag_seconds")?,
+                    last_success_at: r.try_get("last_success_at")?,
+                    last_error: r.try_get("last_error")?,
+                    consecutive_failures: r.try_get("consecutive_failures")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,348 @@
+//! Claim, commit and fail: every statement that moves a (tenant, table) task, top to bottom.
+//!
+//! The order of a slice is: [`ControlPlane::claim`] (after the Redis lease is held) issues a new
+//! fencing token and returns the watermark; the worker reads and sends; [`ControlPlane::commit`]
+//! moves the watermark only if the token is still the current one. A worker that was paused past
+//! its lease sees its commit refused ([`Commit::Fenced`]) because the next holder's claim bumped
+//! the token.
+
+use super::ControlPlane;
+use crate::error::{Result, StoreError};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use std::time::Duration;
+
+/// A (tenant, table) pair: the unit of scheduling and of mutual exclusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    pub tenant_id: i64,
+    pub table_id: i64,
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.tenant_id, self.table_id)
+    }
+}
+
+/// Keyset position of the last row BigQuery acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Watermark {
+    pub cursor: Option<String>,
+    pub key: Vec<String>,
+}
+
+/// What a claim hands the worker.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub task: TaskId,
+    pub fencing_token: i64,
+    pub watermark: Watermark,
+    pub synced_through: Option<DateTime<Utc>>,
+    /// Schema hash last ensured in BigQuery for this task.
+    pub schema_hash: Option<String>,
+}
+
+/// Progress to record after a slice.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// New watermark, when at least one row was acknowledged.
+    pub watermark: Option<Watermark>,
+    /// Source time up to which everything is now confirmed (the horizon when the slice drained
+    /// everything below it, otherwise the cursor of the last acknowledged row).
+    pub synced_through: Option<DateTime<Utc>>,
+    pub rows: i64,
+    /// When the task should run again.
+    pub next_run_in: Duration,
+    /// For a caught-up task: run again this soon instead, if the coordinator has seen changes
+    /// past the new `synced_through` (the worker's horizon can trail the coordinator's).
+    pub rerun_if_changed_in: Option<Duration>,
+    /// The error that stopped the slice early, if any.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    Committed,
+    /// A newer claim exists: this worker lost the task and must not touch it again.
+    Fenced,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub task: TaskId,
+    pub worker: String,
+    pub fencing_token: i64,
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub rows: i64,
+    pub outcome: &'static str,
+    pub error: Option<String>,
+}
+
+fn interval_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl ControlPlane {
+    /// Tasks that are due: tenant active, table enabled for it, next run in the past. One query
+    /// however many tenants exist.
+    pub async fn due_tasks(&self, limit: i64) -> Result<Vec<TaskId>> {
+        let rows = sqlx::query(
+            "SELECT s.tenant_id, s.table_id
+             FROM sync_state s
+             JOIN tenants tn ON tn.id = s.tenant_id AND tn.status = 'active'
+             JOIN table_specs ts ON ts.id = s.table_id AND ts.enabled
+             WHERE s.enabled AND s.next_run_at <= now()
+             ORDER BY s.next_run_at
+             LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskId {
+                    tenant_id: r.try_get(0)?,
+                    table_id: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every task that should be synced (tenant active, table enabled), scheduled or not.
+    pub async fn schedulable_tasks(&self) -> Result<Vec<TaskId>> {
+        let rows = sqlx::query(
+            "SELECT s.tenant_id, s.table_id
+             FROM sync_state s
+             JOIN tenants tn ON tn.id = s.tenant_id AND tn.status = 'active'
+             JOIN table_specs ts ON ts.id = s.table_id AND ts.enabled
+             WHERE s.enabled
+             ORDER BY s.tenant_id, s.table_id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskId {
+                    tenant_id: r.try_get(0)?,
+                    table_id: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Per table, the oldest `synced_through` of its schedulable tasks: where a new leader's
+    /// change detection starts (None: some task never synced; it is due anyway).
+    pub async fn change_detection_start(&self) -> Result<Vec<(i64, Option<DateTime<Utc>>)>> {
+        let rows = sqlx::query(
+            "SELECT ts.id, min(s.synced_through) FILTER (WHERE s.synced_through IS NOT NULL)
+             FROM table_specs ts
+             LEFT JOIN sync_state s ON s.table_id = ts.id AND s.enabled
+             WHERE ts.enabled
+             GROUP BY ts.id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Make the tasks of `table_id` for these tenants due, no sooner than the table's interval
+    /// after their last success, and remember up to where changes were seen for them.
+    /// `scanned_through` is the end of the scan that saw the changes.
+    pub async fn mark_changed(
+        &self,
+        table_id: i64,
+        organization_ids: &[String],
+        scanned_through: DateTime<Utc>,
+    ) -> Result<u64> {
+        if organization_ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "UPDATE sync_state s
+             SET next_run_at = LEAST(s.next_run_at,
+                                     GREATEST(now(), coalesce(s.last_success_at, now())
+                                              + make_interval(secs => ts.sync_interval_ms / 1000.0))),
+                 changed_until = GREATEST(s.changed_until, $3)
+             FROM tenants tn, table_specs ts
+             WHERE s.table_id = $1 AND ts.id = s.table_id AND tn.id = s.tenant_id
+               AND tn.organization_id = ANY($2)",
+        )
+        .bind(table_id)
+        .bind(organization_ids)
+        .bind(scanned_through)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Record that change detection covered `[from, through)` of a table without a gap since
+    /// `from` (`restart`: a new scan run begins at `from`; otherwise it extends the current one).
+    /// Call after [`Self::mark_changed`] for the same scan.
+    pub async fn record_scan(
+        &self,
+        table_id: i64,
+        from: DateTime<Utc>,
+        through: DateTime<Utc>,
+        restart: bool,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO change_scans (table_id, scanned_from, scanned_through) VALUES ($1, $2, $3)
+             ON CONFLICT (table_id) DO UPDATE SET
+                 scanned_from = CASE WHEN $4 THEN excluded.scanned_from ELSE change_scans.scanned_from END,
+                 scanned_through = excluded.scanned_through,
+                 updated_at = now()",
+        )
+        .bind(table_id)
+        .bind(from)
+        .bind(through)
+        .bind(restart)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Issue a new fencing token for the task and return its watermark. Call only while holding
+    /// the task's Redis lease; the token invalidates every earlier holder's pending commit.
+    pub async fn claim(&self, task: TaskId) -> Result<Claim> {
+        let row = sqlx::query(
+            "UPDATE sync_state SET fencing_token = fencing_token + 1
+             WHERE tenant_id = $1 AND table_id = $2
+             RETURNING fencing_token, watermark_cursor, watermark_key, synced_through, schema_hash",
+        )
+        .bind(task.tenant_id)
+        .bind(task.table_id)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no sync state for task {task}")))?;
+        let key: Option<Vec<String>> = row.try_get("watermark_key")?;
+        Ok(Claim {
+            task,
+            fencing_token: row.try_get("fencing_token")?,
+            watermark: Watermark {
+                cursor: row.try_get("watermark_cursor")?,
+                key: key.unwrap_or_default(),
+            },
+            synced_through: row.try_get("synced_through")?,
+            schema_hash: row.try_get("schema_hash")?,
+        })
+    }
+
+    /// Remember that the task's BigQuery table and views match `schema_hash`.
+    pub async fn set_schema_hash(&self, task: TaskId, schema_hash: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE sync_state SET schema_hash = $3 WHERE tenant_id = $1 AND table_id = $2",
+        )
+        .bind(task.tenant_id)
+        .bind(task.table_id)
+        .bind(schema_hash)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Record a slice's progress, conditional on the fencing token. The watermark only moves
+    /// forward: callers pass the last acknowledged row of a slice read after the claimed one.
+    pub async fn commit(&self, claim: &Claim, p: &Progress) -> Result<Commit> {
+        let (cursor, key) = match &p.watermark {
+            Some(w) => (w.cursor.clone(), Some(w.key.clone())),
+            None => (None, None),
+        };
+        let done = sqlx::query(
+            "UPDATE sync_state SET
+                 watermark_cursor = COALESCE($4, watermark_cursor),
+                 watermark_key = COALESCE($5, watermark_key),
+                 synced_through = GREATEST(synced_through, $6),
+                 rows_synced = rows_synced + $7,
+                 next_run_at = now() + make_interval(secs => CASE
+                     WHEN $10::float8 IS NOT NULL
+                          AND changed_until > GREATEST(synced_through, $6) THEN $10::float8
+                     ELSE $8 END / 1000.0),
+                 last_success_at = CASE WHEN $9::text IS NULL THEN now() ELSE last_success_at END,
+                 last_error = $9,
+                 last_error_at = CASE WHEN $9::text IS NULL THEN last_error_at ELSE now() END,
+                 consecutive_failures = CASE WHEN $9::text IS NULL THEN 0 ELSE consecutive_failures + 1 END
+             WHERE tenant_id = $1 AND table_id = $2 AND fencing_token <= $3",
+        )
+        .bind(claim.task.tenant_id)
+        .bind(claim.task.table_id)
+        .bind(claim.fencing_token)
+        .bind(cursor)
+        .bind(key)
+        .bind(p.synced_through)
+        .bind(p.rows)
+        .bind(interval_ms(p.next_run_in))
+        .bind(p.error.as_deref())
+        .bind(p.rerun_if_changed_in.map(interval_ms))
+        .execute(self.pool())
+        .await?;
+        Ok(if done.rows_affected() == 1 {
+            Commit::Committed
+        } else {
+            Commit::Fenced
+        })
+    }
+
+    /// Consecutive failures of a task so far (for backoff).
+    pub async fn consecutive_failures(&self, task: TaskId) -> Result<i32> {
+        Ok(sqlx::query_scalar(
+            "SELECT consecutive_failures FROM sync_state WHERE tenant_id = $1 AND table_id = $2",
+        )
+        .bind(task.tenant_id)
+        .bind(task.table_id)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    pub async fn record_run(&self, r: &RunRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_runs (tenant_id, table_id, worker, fencing_token, started_at,
+                                    duration_ms, rows, outcome, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(r.task.tenant_id)
+        .bind(r.task.table_id)
+        .bind(&r.worker)
+        .bind(r.fencing_token)
+        .bind(r.started_at)
+        .bind(i32::try_from(r.duration.as_millis()).unwrap_or(i32::MAX))
+        .bind(i32::try_from(r.rows).unwrap_or(i32::MAX))
+        .bind(r.outcome)
+        .bind(r.error.as_deref())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Run now, whatever the schedule said (used by `--once` and after onboarding).
+    pub async fn make_all_due(&self) -> Result<()> {
+        sqlx::query("UPDATE sync_state SET next_run_at = now() WHERE next_run_at > now()")
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The oldest `synced_through` among schedulable tasks (None when some task has never
+    /// synced): `run --once` is done when this passes the moment it started.
+    pub async fn oldest_synced_through(&self) -> Result<Option<DateTime<Utc>>> {
+        let row = sqlx::query(
+            "SELECT bool_or(s.synced_through IS NULL) AS never,
+                    min(effective_synced_through(s, cs)) AS oldest
+             FROM sync_state s
+             LEFT JOIN change_scans cs ON cs.table_id = s.table_id
+             JOIN tenants tn ON tn.id = s.tenant_id AND tn.status = 'active'
+             JOIN table_specs ts ON ts.id = s.table_id AND ts.enabled
+             WHERE s.enabled",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let never: Option<bool> = row.try_get("never")?;
+        if never == Some(true) {
+            return Ok(None);
+        }
+        Ok(row.try_get("oldest")?)
+    }
+}

@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+
+pub mod control;
+pub mod error;
+pub mod source;
+
+pub use control::ControlPlane;
+pub use error::{Result, StoreError};
+pub use source::{SlicePlan, SourceReader, SourceRow};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A pool whose sessions run in UTC, so every timestamp we render as text is unambiguous.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let opts = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Invalid(format!("bad database URL: {e}")))?
+        .options([("TimeZone", "UTC"), ("application_name", "tenantsync")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await?;
+    Ok(pool)
+}
+
+/// Apply the control-plane migrations (idempotent).
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    sqlx::migrate!("../../migrations").run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The source side: catalog, horizon and the tenant-filtered keyset slice reader.
+
+use crate::control::tasks::Watermark;
+use crate::error::{Result, StoreError};
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+use std::time::Duration;
+use tenantsync_core::ident::{quote_pg, sql_ident};
+use tenantsync_core::mapping::{map_column, BqField, PgColumn};
+use tenantsync_core::TableSpec;
+
+#[derive(Clone, Debug)]
+pub struct SourceReader {
+    pool: PgPool,
+}
+
+/// One source row, ready for insertAll: `json` is the row rendered by Postgres with `_op` and
+/// `_source_ts` included; the worker appends the remaining metadata.
+#[derive(Debug, Clone)]
+pub struct SourceRow {
+    pub key: Vec<String>,
+    pub cursor: String,
+    /// The cursor value as a UTC instant (`timestamp` columns are taken to hold UTC).
+    pub cursor_ts: DateTime<Utc>,
+    /// The row's tenant column as text, for the per-row isolation check.
+    pub tenant: Option<String>,
+    pub json: String,
+}
+
+/// Everything needed to read slices of one table: its BigQuery schema and two prepared SQL
+/// texts (first slice, and after a watermark). Built once per table and schema version.
+#[derive(Debug, Clone)]
+pub struct SlicePlan {
+    pub table: String,
+    pub fields: Vec<BqField>,
+    pub key_columns: Vec<String>,
+    /// Fingerprint of what lands in BigQuery (fields and key columns): when it matches the one
+    /// stored for a task, the task's table and views need no calls.
+    pub schema_hash: String,
+    first_sql: String,
+    next_sql: String,
+    changed_sql: String,
+}
+
+impl SlicePlan {
+    /// Build the plan from the spec and the catalog columns. Fails with a message naming the
+    /// column when a key, cursor or tenant column is missing or a column type has no mapping.
+    pub fn build(spec: &TableSpec, columns: &[PgColumn]) -> Result<Self> {
+        let find = |role: &str, name: &str| {
+            columns.iter().find(|c| c.name == name).ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "{role} column {name:?} does not exist in {}.{}",
+                    spec.source_schema, spec.source_table
+                ))
+            })
+        };
+        let cursor = find("cursor", &spec.cursor_column)?;
+        let tenant = find("tenant", &spec.tenant_column)?;
+        let keys = spec
+            .key_columns
+            .iter()
+            .map(|k| find("key", k))
+            .collect::<Result<Vec<_>>>()?;
+        let cursor_is_tz = match cursor.base_type.as_str() {
+            "timestamptz" if !cursor.is_array => true,
+            "timestamp" if !cursor.is_array => false,
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "cursor column {:?} has type {}; cursor mode needs timestamp or timestamptz",
+                    cursor.name, cursor.formatted
+                )))
+            }
+        };
+
+        let mut fields = Vec::with_capacity(columns.len());
+        let mut exprs = Vec::with_capacity(columns.len() + 2);
+        for c in columns {
+            let m = map_column(c)?;
+            exprs.push(format!("{} AS {}", m.select_expr, quote_pg(&c.name)));
+            fields.push(m.field);
+        }
+        let q = |c: &PgColumn| format!("t.{}", quote_pg(&c.name));
+        let cur = q(cursor);
+        // Without an `inserted_at` column an insert and an update look alike in cursor mode.
+        let op = match columns.iter().find(|c| c.name == "inserted_at") {
+            Some(ins) if ins.name != cursor.name => {
+                format!(
+                    "CASE WHEN {} = {cur} THEN 'insert' ELSE 'update' END",
+                    q(ins)
+                )
+            }
+            _ => "'upsert'".to_string(),
+        };
+        let (cur_utc, cur_tz) = if cursor_is_tz {
+            (format!("{cur} AT TIME ZONE 'UTC'"), cur.clone())
+        } else {
+            (cur.clone(), format!("{cur} AT TIME ZONE 'UTC'"))
+        };
+        exprs.push(format!("{op} AS \"_op\""));
+        exprs.push(format!(
+            "to_char({cur_utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"_source_ts\""
+        ));
+        let horizon = if cursor_is_tz {
+            "$2::timestamptz".to_string()
+        } else {
+            "($2::timestamptz AT TIME ZONE 'UTC')".to_string()
+        };
+        let order: Vec<String> = std::iter::once(cur.clone())
+            .chain(keys.iter().map(|k| q(k)))
+            .collect();
+        let key_text: Vec<String> = keys.iter().map(|k| format!("({})::text", q(k))).collect();
+        let base = format!(
+            "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, ({tn})::text AS tn,
+                    ({cur_tz}) AS cts,
+                    (SELECT row_to_json(r)::text FROM (SELECT {exprs}) r) AS j
+             FROM {schema}.{table} t
+             WHERE {tn} = $1::text::{tn_type} AND {cur} < {horizon}",
+            key_text = key_text.join(", "),
+            tn = q(tenant),
+            tn_type = tenant.sql_type,
+            exprs = exprs.join(", "),
+            schema = quote_pg(&spec.source_schema),
+            table = quote_pg(&spec.source_table),
+        );
+        // Watermark parameters start at $4, all bound as text and cast to the column types so
+        // the comparison (and the index on them) works on real values, not strings.
+        let wm_params: Vec<String> = std::iter::once(cursor)
+            .chain(keys.iter().copied())
+            .enumerate()
+            .map(|(i, c)| format!("${}::text::{}", i + 4, c.sql_type))
+            .collect();
+        let tail = format!("ORDER BY {} LIMIT $3", order.join(", "));
+        let first_sql = format!("{base} {tail}");
+        let next_sql = format!(
+            "{base} AND ({}) > ({}) {tail}",
+            order.join(", "),
+            wm_params.join(", ")
+        );
+        // Which tenants have rows in [$1, horizon $2): one query per table per coordinator tick,
+        // however many tenants are idle.
+        let since = if cursor_is_tz {
+            "$1::timestamptz".to_string()
+        } else {
+            "($1::timestamptz AT TIME ZONE 'UTC')".to_string()
+        };
+        let changed_sql = format!(
+            "SELECT DISTINCT ({tn})::text FROM {schema}.{table} t WHERE {cur} >= {since} AND {cur} < {horizon}",
+            tn = q(tenant),
+            schema = quote_pg(&spec.source_schema),
+            table = quote_pg(&spec.source_table),
+        );
+        let schema_hash = {
+            let mut h = blake3::Hasher::new();
+            h.update(
+                serde_json::to_string(&fields)
+                    .expect("fields serialize")
+                    .as_bytes(),
+            );
+            h.update(spec.key_columns.join("\0").as_bytes());
+            h.finalize().to_hex()[..16].to_string()
+        };
+        Ok(Self {
+            schema_hash,
+            changed_sql,
+            table: spec.bq_table(),
+            fields,
+            key_columns: spec.key_columns.clone(),
+            first_sql,
+            next_sql,
+        })
+    }
+}
+
+impl SourceReader {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Columns of `schema.table` from the catalog, in table order.
+    pub async fn columns(&self, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
+        sql_ident("schema", schema).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        sql_ident("table", table).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let regclass = format!("{}.{}", quote_pg(schema), quote_pg(table));
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&regclass)
+            .fetch_one(&self.pool)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!(
+                "source table {schema}.{table} does not exist"
+            )));
+        }
+        let rows = sqlx::query(include_str!("queries/columns.sql"))
+            .bind(&regclass)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PgColumn {
+                    name: r.try_get("name")?,
+                    formatted: r.try_get("formatted")?,
+                    sql_type: r.try_get("sql_type")?,
+                    base_type: r.try_get("base_type")?,
+                    typtype: r.try_get("typtype")?,
+                    is_array: r.try_get("is_array")?,
+                    numeric_precision: r.try_get("numeric_precision")?,
+                    numeric_scale: r.try_get("numeric_scale")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Primary-key columns of a table, in key order (default for `tables add --key`).
+    pub async fn primary_key(&self, schema: &str, table: &str) -> Result<Vec<String>> {
+        let regclass = format!("{}.{}", quote_pg(schema), quote_pg(table));
+        Ok(sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+             ORDER BY k.n",
+        )
+        .bind(&regclass)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// See `queries/horizon.sql`.
+    pub async fn horizon(&self, skew: Duration) -> Result<DateTime<Utc>> {
+        Ok(sqlx::query_scalar(include_str!("queries/horizon.sql"))
+            .bind(skew.as_secs_f64() * 1000.0)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Tenant ids (as text) with rows whose cursor lies in `[since, horizon)`.
+    pub async fn changed_tenants(
+        &self,
+        plan: &SlicePlan,
+        since: DateTime<Utc>,
+        horizon: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(&plan.changed_sql)
+            .bind(since)
+            .bind(horizon)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Up to `limit` rows of one tenant after `watermark` and below `horizon`, in keyset order.
+    pub async fn read_slice(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+        watermark: &Watermark,
+        horizon: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<SourceRow>> {
+        let query = match &watermark.cursor {
+            None => sqlx::query(&plan.first_sql),
+            Some(c) => {
+                if watermark.key.len() != plan.key_columns.len() {
+                    return Err(StoreError::Invalid(format!(
+                        "watermark key has {} parts but table {} has {} key columns; resync the table",
+                        watermark.key.len(),
+                        plan.table,
+                        plan.key_columns.len()
+                    )));
+                }
+                let mut q = sqlx::query(&plan.next_sql);
+                q = q.bind(organization_id).bind(horizon).bind(limit).bind(c);
+                for k in &watermark.key {
+                    q = q.bind(k);
+                }
+                return collect(q.fetch_all(&self.pool).await?);
+            }
+        };
+        collect(
+            query
+                .bind(organization_id)
+                .bind(horizon)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}
+
+fn collect(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<SourceRow>> {
+    rows.into_iter()
+        .map(|r| {
+            Ok(SourceRow {
+                key: r.try_get("k")?,
+                cursor: r.try_get("c")?,
+                cursor_ts: r.try_get("cts")?,
+                tenant: r.try_get("tn")?,
+                json: r.try_get("j")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,197 @@
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Keeps each tenant's slice of a shared Postgres database in sync with the tenant's own
+/// BigQuery dataset.
+#[derive(Debug, Parser)]
+#[command(name = "tenantsync", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Log format; `auto` is human-readable on a terminal and JSON otherwise.
+    #[arg(
+        long,
+        global = true,
+        env = "TENANTSYNC_LOG_FORMAT",
+        default_value = "auto"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply control-plane migrations.
+    Migrate,
+    /// Onboard and list tenants.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Register and list source tables.
+    #[command(subcommand)]
+    Tables(TablesCmd),
+    /// Coordinator and worker in one process until interrupted (all-in-one mode).
+    Run(RunArgs),
+    /// Schedule: campaign for leadership and queue due tasks while leading.
+    Coordinator,
+    /// Run tasks from the queues, as one member of the worker pool.
+    Worker,
+    /// Per tenant and table: rows synced, watermark, lag, last error; workers, leader, queues.
+    Status(ListArgs),
+    /// Rows BigQuery refused: list them, send them again, or discard them.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+    /// The demo: demo schema, three organizations with their own datasets, traffic, sync.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// Open dead letters (or all, with --all).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Include retried and discarded ones.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send open dead letters again (all of a tenant's with --tenant, or the given ids).
+    Retry {
+        ids: Vec<i64>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Give up on open dead letters (they stay listed as discarded).
+    Discard {
+        ids: Vec<i64>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Add a tenant. Its key is checked (dataset access) before it is saved, encrypted.
+    Add(TenantAdd),
+    /// List tenants.
+    List(ListArgs),
+    /// Set a tenant's insertAll budget across all workers (requests/s, rows/s).
+    Limits(TenantLimits),
+    /// Replace a tenant's key after checking it works; resumes a tenant whose key was rejected.
+    RotateCredentials(RotateCredentials),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateCredentials {
+    pub slug: String,
+    /// The new service-account key JSON.
+    #[arg(long)]
+    pub credentials_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TenantLimits {
+    pub slug: String,
+    /// insertAll requests per second; omit for the deployment default.
+    #[arg(long)]
+    pub requests_per_second: Option<f64>,
+    /// Rows per second; omit for the deployment default.
+    #[arg(long)]
+    pub rows_per_second: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TenantAdd {
+    /// Short unique name (lowercase letters, digits, `-`, `_`).
+    pub slug: String,
+    /// Value of the tenant column (e.g. `organization_id`) in the source tables.
+    #[arg(long)]
+    pub organization_id: String,
+    /// BigQuery project of the tenant.
+    #[arg(long)]
+    pub project: String,
+    /// BigQuery dataset of the tenant (created if missing).
+    #[arg(long)]
+    pub dataset: String,
+    /// Service-account key JSON. Required unless BIGQUERY_EMULATOR_HOST is set.
+    #[arg(long)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TablesCmd {
+    /// Register a source table for every tenant.
+    Add(TablesAdd),
+    /// List registered tables.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TablesAdd {
+    /// Source table name.
+    pub table: String,
+    /// Source schema.
+    #[arg(long, default_value = "public")]
+    pub schema: String,
+    /// Key column(s); repeat for a composite key. Default: the primary key.
+    #[arg(long = "key")]
+    pub key: Vec<String>,
+    /// Cursor column (timestamp or timestamptz, set on every write).
+    #[arg(long, default_value = "updated_at")]
+    pub cursor: String,
+    /// Column holding the tenant id.
+    #[arg(long, default_value = "organization_id")]
+    pub tenant_column: String,
+    /// How versions are kept in BigQuery.
+    #[arg(long, default_value = "latest", value_parser = ["latest", "history", "merge"])]
+    pub mode: String,
+    /// Minimum time between two slices of a caught-up task, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: i32,
+    /// Rows per slice.
+    #[arg(long, default_value_t = 20000)]
+    pub slice_rows: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Stop when everything committed before the start is confirmed in BigQuery.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, env = "DEMO_SECONDS")]
+    pub seconds: Option<u64>,
+    /// Row changes per second written by the generator.
+    #[arg(long, env = "DEMO_RATE", default_value_t = 300.0)]
+    pub rate: f64,
+    /// Messages per organization written in bulk before syncing starts (a timed backfill).
+    #[arg(long, env = "DEMO_BACKFILL", default_value_t = 10_000)]
+    pub backfill: i64,
+    /// Number of demo organizations (each gets its own dataset).
+    #[arg(long, default_value_t = 3)]
+    pub orgs: i64,
+}

@@ -1,0 +1,168 @@
+//! Configuration from environment variables. Every missing or malformed variable is reported
+//! by name; secrets are wrapped so `Debug` cannot print them.
+
+use anyhow::{anyhow, Context, Result};
+use secrecy::SecretString;
+use std::str::FromStr;
+use std::time::Duration;
+use tenantsync_bigquery::Endpoint;
+use tenantsync_core::crypto::MasterKey;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn required(name: &str, what: &str) -> Result<String> {
+    var(name).ok_or_else(|| anyhow!("{name} is not set ({what})"))
+}
+
+fn parsed<T: FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("{name}={v:?} is not valid: {e}")),
+    }
+}
+
+/// An optional positive rate (unset: unlimited).
+fn rate(name: &str) -> Result<Option<f64>> {
+    match var(name) {
+        None => Ok(None),
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(r) if r > 0.0 && r.is_finite() => Ok(Some(r)),
+            _ => Err(anyhow!("{name}={v:?} is not a positive number")),
+        },
+    }
+}
+
+fn millis(name: &str, default_ms: u64) -> Result<Duration> {
+    parsed(name, default_ms).map(Duration::from_millis)
+}
+
+/// Connections per database pool of this process (each opened only when needed).
+pub fn pool_size(name: &str, default: u32) -> Result<u32> {
+    let n = parsed(name, default)?;
+    if n == 0 {
+        return Err(anyhow!("{name} must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// Control-plane database URL (`DATABASE_URL`).
+pub fn database_url() -> Result<String> {
+    required("DATABASE_URL", "Postgres URL of the control plane")
+}
+
+/// Source database URL; the control plane's when unset (same server, separate schema).
+pub fn source_database_url() -> Result<String> {
+    var("SOURCE_DATABASE_URL").map_or_else(database_url, Ok)
+}
+
+pub fn redis_url() -> Result<String> {
+    required("REDIS_URL", "e.g. redis://127.0.0.1:6379")
+}
+
+pub fn redis_prefix() -> String {
+    var("TENANTSYNC_REDIS_PREFIX").unwrap_or_else(|| "tenantsync".into())
+}
+
+pub fn endpoint() -> Endpoint {
+    Endpoint::from_env_value(var("BIGQUERY_EMULATOR_HOST").as_deref())
+}
+
+pub fn master_key() -> Result<MasterKey> {
+    let raw: SecretString = required(
+        "TENANTSYNC_MASTER_KEY",
+        "base64 of 32 random bytes; encrypts tenant credentials",
+    )?
+    .into();
+    MasterKey::from_base64(&raw).context("TENANTSYNC_MASTER_KEY is not usable")
+}
+
+/// Worker settings, each overridable by a `TENANTSYNC_…` variable.
+pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
+    let id = var("TENANTSYNC_WORKER_ID").unwrap_or_else(|| {
+        let host = var("HOSTNAME").unwrap_or_else(|| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let mut c = tenantsync_worker::WorkerConfig::new(id, endpoint());
+    c.concurrency = parsed("TENANTSYNC_CONCURRENCY", c.concurrency)?;
+    c.cursor_skew = millis(
+        "TENANTSYNC_CURSOR_SKEW_MS",
+        c.cursor_skew.as_millis() as u64,
+    )?;
+    c.lease_ttl = millis("TENANTSYNC_LEASE_TTL_MS", c.lease_ttl.as_millis() as u64)?;
+    c.request_timeout = millis(
+        "TENANTSYNC_REQUEST_TIMEOUT_MS",
+        c.request_timeout.as_millis() as u64,
+    )?;
+    c.max_attempts = parsed("TENANTSYNC_MAX_ATTEMPTS", c.max_attempts)?;
+    c.slice_max_duration = millis(
+        "TENANTSYNC_SLICE_MAX_MS",
+        c.slice_max_duration.as_millis() as u64,
+    )?;
+    c.global_budget = tenantsync_lease::ratelimit::Budget {
+        requests_per_s: rate("TENANTSYNC_GLOBAL_REQUESTS_PER_S")?,
+        rows_per_s: rate("TENANTSYNC_GLOBAL_ROWS_PER_S")?,
+    };
+    c.tenant_budget = tenantsync_lease::ratelimit::Budget {
+        requests_per_s: rate("TENANTSYNC_TENANT_REQUESTS_PER_S")?,
+        rows_per_s: rate("TENANTSYNC_TENANT_ROWS_PER_S")?,
+    };
+    c.idle_recheck = millis(
+        "TENANTSYNC_IDLE_RECHECK_MS",
+        c.idle_recheck.as_millis() as u64,
+    )?;
+    c.shards = shards()?;
+    c.chunk_limits.max_rows =
+        parsed("TENANTSYNC_CHUNK_ROWS", c.chunk_limits.max_rows)?.clamp(1, 500);
+    if c.lease_ttl < Duration::from_millis(300) {
+        return Err(anyhow!("TENANTSYNC_LEASE_TTL_MS must be at least 300"));
+    }
+    Ok(c)
+}
+
+/// Coordinator settings.
+pub fn coordinator() -> Result<tenantsync_coordinator::CoordinatorConfig> {
+    let id = var("TENANTSYNC_COORDINATOR_ID").unwrap_or_else(|| {
+        let host = var("HOSTNAME").unwrap_or_else(|| "coordinator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let mut c = tenantsync_coordinator::CoordinatorConfig::new(id);
+    c.tick = millis("TENANTSYNC_TICK_MS", c.tick.as_millis() as u64)?;
+    c.leader_ttl = millis("TENANTSYNC_LEADER_TTL_MS", c.leader_ttl.as_millis() as u64)?;
+    c.shards = shards()?;
+    c.cursor_skew = millis(
+        "TENANTSYNC_CURSOR_SKEW_MS",
+        c.cursor_skew.as_millis() as u64,
+    )?;
+    Ok(c)
+}
+
+/// Number of queue shards; coordinators and workers must agree.
+pub fn shards() -> Result<u32> {
+    let n = parsed("TENANTSYNC_SHARDS", 8u32)?;
+    if n == 0 {
+        return Err(anyhow!("TENANTSYNC_SHARDS must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served. Loopback by default; the container
+/// image sets 0.0.0.0:9464.
+pub fn metrics_addr() -> Result<std::net::SocketAddr> {
+    parsed(
+        "TENANTSYNC_METRICS_ADDR",
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+    )
+}
+
+/// How long shutdown may take before the process exits anyway.
+pub fn shutdown_grace() -> Result<Duration> {
+    millis("TENANTSYNC_SHUTDOWN_GRACE_MS", 25_000)
+}

@@ -1,0 +1,130 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+pub mod metrics;
+pub mod onboard;
+mod run;
+mod slice;
+
+pub use error::WorkerError;
+pub use run::{run, RunMode, RunSummary};
+pub use slice::{CrashPoint, Hooks, NoHooks, SliceOutcome, SliceReport};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tenantsync_bigquery::Endpoint;
+use tenantsync_core::chunk::Limits;
+use tenantsync_core::crypto::MasterKey;
+use tenantsync_lease::Leases;
+use tenantsync_store::{ControlPlane, SlicePlan, SourceReader};
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique per process; shows up as the lease holder and in the run log.
+    pub worker_id: String,
+    pub endpoint: Endpoint,
+    /// Allowance for application clocks that stamp rows themselves (see the horizon query).
+    pub cursor_skew: Duration,
+    pub lease_ttl: Duration,
+    pub request_timeout: Duration,
+    /// Attempts per insertAll chunk before the slice stops at the last acknowledged row.
+    pub max_attempts: u32,
+    /// Tasks run at once by this process.
+    pub concurrency: usize,
+    /// Upper bound on one slice's wall time, so a big tenant yields to others.
+    pub slice_max_duration: Duration,
+    pub chunk_limits: Limits,
+    /// Cap on retry backoff within a slice.
+    pub max_backoff: Duration,
+    /// A caught-up task is re-checked after this long even if the coordinator saw no change
+    /// (a safety net; changes normally make it due at once).
+    pub idle_recheck: Duration,
+    /// Number of Redis queue shards (must match the coordinators').
+    pub shards: u32,
+    /// insertAll budget of the whole deployment, shared by every worker.
+    pub global_budget: tenantsync_lease::ratelimit::Budget,
+    /// Budget of a tenant that has none of its own.
+    pub tenant_budget: tenantsync_lease::ratelimit::Budget,
+}
+
+impl WorkerConfig {
+    pub fn new(worker_id: impl Into<String>, endpoint: Endpoint) -> Self {
+        Self {
+            worker_id: worker_id.into(),
+            endpoint,
+            cursor_skew: Duration::from_millis(1000),
+            lease_ttl: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_attempts: 6,
+            concurrency: 8,
+            slice_max_duration: Duration::from_secs(20),
+            chunk_limits: Limits::default(),
+            max_backoff: Duration::from_secs(30),
+            idle_recheck: Duration::from_secs(300),
+            shards: 8,
+            global_budget: Default::default(),
+            tenant_budget: Default::default(),
+        }
+    }
+}
+
+/// What the worker talks to.
+#[derive(Clone)]
+pub struct Deps {
+    pub control: ControlPlane,
+    pub source: SourceReader,
+    pub leases: Leases,
+    pub master_key: Arc<MasterKey>,
+}
+
+/// Per-process caches: a BigQuery client per tenant, a slice plan per table, and which
+/// (tenant, table, schema) combinations have been ensured in BigQuery already.
+#[derive(Default)]
+struct Caches {
+    clients: Mutex<HashMap<i64, CachedClient>>,
+    plans: Mutex<HashMap<i64, CachedPlan>>,
+    /// Tenants whose dataset this process has ensured.
+    datasets: Mutex<HashSet<i64>>,
+}
+
+/// A tenant's client with the nonce of the sealed key it was built from (the key's version).
+type CachedClient = (Vec<u8>, Arc<tenantsync_bigquery::BigQuery>);
+
+struct CachedPlan {
+    spec: tenantsync_core::TableSpec,
+    columns: Vec<tenantsync_core::mapping::PgColumn>,
+    plan: Arc<SlicePlan>,
+}
+
+pub struct Worker {
+    cfg: WorkerConfig,
+    deps: Deps,
+    caches: Caches,
+    hooks: Arc<dyn Hooks>,
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig, deps: Deps) -> Self {
+        Self::with_hooks(cfg, deps, Arc::new(NoHooks))
+    }
+
+    /// Hooks let tests inject crashes at exact points of a slice.
+    pub fn with_hooks(cfg: WorkerConfig, deps: Deps, hooks: Arc<dyn Hooks>) -> Self {
+        Self {
+            cfg,
+            deps,
+            caches: Caches::default(),
+            hooks,
+        }
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.cfg
+    }
+
+    pub fn deps(&self) -> &Deps {
+        &self.deps
+    }
+}

@@ -1,0 +1,831 @@
+//! One slice of one (tenant, table) task.
+
+use crate::{CachedPlan, Worker, WorkerError};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tenantsync_bigquery::schema::{latest_view_sql, sync_table};
+use tenantsync_bigquery::{BigQuery, BqError, Credentials, Retry};
+use tenantsync_core::chunk;
+use tenantsync_core::insert_id::insert_id;
+use tenantsync_core::{TableSpec, Tenant, TenantStatus};
+use tenantsync_lease::Lease;
+use tenantsync_store::control::dead_letters::NewDeadLetter;
+use tenantsync_store::control::tasks::{Claim, Commit, Progress, RunRecord, TaskId, Watermark};
+use tenantsync_store::{SlicePlan, SourceRow};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Points where a test can make the worker "crash": stop dead, commit nothing, release nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After insertAll acknowledged rows, before the watermark commit.
+    BeforeCommit,
+}
+
+pub trait Hooks: Send + Sync {
+    /// Return true to crash at this point.
+    fn crash(&self, _task: TaskId, _at: CrashPoint) -> bool {
+        false
+    }
+}
+
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceOutcome {
+    /// Someone else holds the lease.
+    Busy,
+    /// The tenant or table is not schedulable right now (paused, disabled).
+    Skipped,
+    /// Rows were sent and committed; `more` when the slice stopped at its row or time bound.
+    Synced { rows: usize, more: bool },
+    /// Stopped at an error after committing what was acknowledged.
+    Failed { rows: usize, error: String },
+    /// The lease was lost or the fencing token superseded: nothing committed by this slice.
+    Fenced,
+    /// A test hook crashed the slice.
+    Crashed,
+}
+
+#[derive(Debug, Clone)]
+pub struct SliceReport {
+    pub task: TaskId,
+    pub outcome: SliceOutcome,
+    /// What `synced_through` is after this slice (None if unknown).
+    pub synced_through: Option<DateTime<Utc>>,
+}
+
+/// Renews a lease in the background; cancels `lost` when renewal fails.
+fn spawn_renewer(w: &Worker, lease: Lease, lost: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let leases = w.deps.leases.clone();
+    let every = lease.ttl / 3;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match leases.renew(&lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(lease = %lease.key, "lease lost");
+                    crate::metrics::lease_lost();
+                    lost.cancel();
+                    return;
+                }
+                // Redis unreachable: we cannot prove we still hold it. Keep trying until the
+                // TTL would have run out, then give up the task.
+                Err(e) => warn!(lease = %lease.key, error = %e, "lease renewal failed"),
+            }
+        }
+    })
+}
+
+fn backoff(base: Duration, attempt: u32, cap: Duration) -> Duration {
+    let exp = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(cap);
+    // Full jitter: spreads retries of many workers hitting the same limit.
+    Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64))
+}
+
+/// Backoff before the next slice of a task that failed `failures` times in a row.
+pub(crate) fn task_backoff(failures: i32) -> Duration {
+    Duration::from_secs(1u64 << failures.clamp(0, 8) as u32).min(Duration::from_secs(300))
+}
+
+impl Worker {
+    /// The tenant's client. The sealed key is read on every slice (one small query) and its
+    /// nonce compared with the cached client's, so a rotated key is used from the next slice
+    /// on, in every worker.
+    async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
+        let sealed = self.deps.control.credentials(tenant.id).await?;
+        let version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
+        let mut clients = self.caches.clients.lock().await;
+        if let Some((v, c)) = clients.get(&tenant.id) {
+            if *v == version {
+                return Ok(c.clone());
+            }
+        }
+        let creds = match sealed {
+            Some(sealed) => {
+                Credentials::ServiceAccount(self.deps.master_key.open(&sealed, tenant.id)?)
+            }
+            None if self.cfg.endpoint.emulator => Credentials::Emulator,
+            None => {
+                return Err(WorkerError::Config(format!(
+                    "tenant {} has no credentials and BIGQUERY_EMULATOR_HOST is not set",
+                    tenant.slug
+                )))
+            }
+        };
+        let c = Arc::new(
+            BigQuery::new(
+                &self.cfg.endpoint,
+                &tenant.bq_project,
+                &tenant.bq_dataset,
+                &creds,
+                self.cfg.request_timeout,
+            )
+            .await?,
+        );
+        clients.insert(tenant.id, (version, c.clone()));
+        Ok(c)
+    }
+
+    /// Drop the cached client of a tenant (after its credentials changed or failed).
+    pub async fn forget_client(&self, tenant_id: i64) {
+        self.caches.clients.lock().await.remove(&tenant_id);
+    }
+
+    /// The slice plan of a table and its generation. The catalog is read on every slice (one
+    /// cheap query) so a column added in Postgres reaches BigQuery on the next slice.
+    async fn plan(&self, spec: &TableSpec) -> Result<Arc<SlicePlan>, WorkerError> {
+        let columns = self
+            .deps
+            .source
+            .columns(&spec.source_schema, &spec.source_table)
+            .await?;
+        let mut plans = self.caches.plans.lock().await;
+        if let Some(p) = plans.get(&spec.id) {
+            if p.columns == columns && p.spec == *spec {
+                return Ok(p.plan.clone());
+            }
+        }
+        let plan = Arc::new(SlicePlan::build(spec, &columns)?);
+        plans.insert(
+            spec.id,
+            CachedPlan {
+                spec: spec.clone(),
+                columns,
+                plan: plan.clone(),
+            },
+        );
+        Ok(plan)
+    }
+
+    /// Dataset, table (with added columns) and `_latest` view: skipped when the task's stored
+    /// schema hash matches the plan (no API calls at all), the dataset once per process.
+    async fn ensure_schema(
+        &self,
+        client: &BigQuery,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        plan: &SlicePlan,
+        claim: &Claim,
+    ) -> Result<(), WorkerError> {
+        if claim.schema_hash.as_deref() == Some(plan.schema_hash.as_str()) {
+            return Ok(());
+        }
+        if !self.caches.datasets.lock().await.contains(&tenant.id) {
+            let created = self
+                .retry_bq("ensure dataset", tenant, || async {
+                    Ok(client.ensure_dataset().await?)
+                })
+                .await?;
+            if created {
+                info!(dataset = client.dataset(), "created dataset");
+            }
+            self.caches.datasets.lock().await.insert(tenant.id);
+        }
+        self.retry_bq("sync schema", tenant, || {
+            self.force_schema(client, spec, plan)
+        })
+        .await?;
+        self.deps
+            .control
+            .set_schema_hash(claim.task, &plan.schema_hash)
+            .await?;
+        Ok(())
+    }
+
+    async fn force_schema(
+        &self,
+        client: &BigQuery,
+        spec: &TableSpec,
+        plan: &SlicePlan,
+    ) -> Result<(), WorkerError> {
+        if client.ensure_dataset().await? {
+            info!(dataset = client.dataset(), "created dataset");
+        }
+        let change = sync_table(client, &plan.table, &plan.fields).await?;
+        debug!(table = %plan.table, ?change, "schema synced");
+        client
+            .put_view(
+                &format!("{}_latest", plan.table),
+                &latest_view_sql(client, &plan.table, &spec.key_columns),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The single step: run one slice of `task` if its lease is free.
+    pub async fn try_execute_task(
+        &self,
+        task: TaskId,
+        shutdown: &CancellationToken,
+    ) -> Result<SliceReport, WorkerError> {
+        let report = |outcome, synced_through| SliceReport {
+            task,
+            outcome,
+            synced_through,
+        };
+        let holder = format!("{}:{}", self.cfg.worker_id, uuid::Uuid::new_v4().simple());
+        let Some(lease) = self
+            .deps
+            .leases
+            .acquire(task.tenant_id, task.table_id, &holder, self.cfg.lease_ttl)
+            .await?
+        else {
+            return Ok(report(SliceOutcome::Busy, None));
+        };
+        crate::metrics::lease_acquired();
+        let lost = CancellationToken::new();
+        let renewer = spawn_renewer(self, lease.clone(), lost.clone());
+        let result = self.with_lease(task, &lost, shutdown).await;
+        lost.cancel();
+        renewer.abort();
+        if !matches!(
+            result,
+            Ok(SliceReport {
+                outcome: SliceOutcome::Crashed,
+                ..
+            })
+        ) {
+            if let Err(e) = self.deps.leases.release(&lease).await {
+                // The TTL frees it anyway.
+                warn!(task = %task, error = %e, "lease release failed");
+            }
+        }
+        result
+    }
+
+    async fn with_lease(
+        &self,
+        task: TaskId,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<SliceReport, WorkerError> {
+        let started_at = Utc::now();
+        let t0 = Instant::now();
+        let tenant = self.deps.control.tenant_by_id(task.tenant_id).await?;
+        let spec = self.deps.control.table(task.table_id).await?;
+        if tenant.status != TenantStatus::Active || !spec.enabled {
+            return Ok(SliceReport {
+                task,
+                outcome: SliceOutcome::Skipped,
+                synced_through: None,
+            });
+        }
+        let claim = self.deps.control.claim(task).await?;
+        let run = self.run_slice(&tenant, &spec, &claim, lost, shutdown).await;
+        let (rows, outcome, error, progress) = match run {
+            Ok(SliceRun::Crashed) => {
+                return Ok(SliceReport {
+                    task,
+                    outcome: SliceOutcome::Crashed,
+                    synced_through: None,
+                })
+            }
+            Ok(SliceRun::Done(p)) => (
+                p.rows,
+                if p.error.is_some() { "partial" } else { "ok" },
+                p.error.clone(),
+                p,
+            ),
+            Err(e) => {
+                if let WorkerError::BigQuery(b) = &e {
+                    if b.retry() == Retry::PauseTenant {
+                        self.pause_for_credentials(&tenant, b).await?;
+                    }
+                }
+                let failures = self
+                    .deps
+                    .control
+                    .consecutive_failures(task)
+                    .await
+                    .unwrap_or(0);
+                let p = Progress {
+                    watermark: None,
+                    synced_through: None,
+                    rows: 0,
+                    rerun_if_changed_in: None,
+                    next_run_in: task_backoff(failures + 1),
+                    error: Some(e.to_string()),
+                };
+                (0, "failed", Some(e.to_string()), p)
+            }
+        };
+        let committed = self.deps.control.commit(&claim, &progress).await?;
+        let outcome_str = if committed == Commit::Fenced {
+            "fenced"
+        } else {
+            outcome
+        };
+        crate::metrics::slice(outcome_str);
+        if committed == Commit::Fenced {
+            crate::metrics::lease_expired();
+        } else if rows > 0 {
+            crate::metrics::rows(&tenant.slug, &spec.source_table, rows as u64);
+        }
+        self.deps
+            .control
+            .record_run(&RunRecord {
+                task,
+                worker: self.cfg.worker_id.clone(),
+                fencing_token: claim.fencing_token,
+                started_at,
+                duration: t0.elapsed(),
+                rows,
+                outcome: outcome_str,
+                error: error.clone(),
+            })
+            .await?;
+        let synced_through = progress.synced_through.or(claim.synced_through);
+        let outcome = match (committed, error) {
+            (Commit::Fenced, _) => {
+                warn!(task = %task, token = claim.fencing_token, "commit refused: fencing token superseded");
+                SliceOutcome::Fenced
+            }
+            (Commit::Committed, Some(error)) => {
+                warn!(tenant = %tenant.slug, table = %spec.source_table, rows, error = %error, "slice stopped early");
+                SliceOutcome::Failed {
+                    rows: rows as usize,
+                    error,
+                }
+            }
+            (Commit::Committed, None) => SliceOutcome::Synced {
+                rows: rows as usize,
+                more: progress.next_run_in.is_zero(),
+            },
+        };
+        Ok(SliceReport {
+            task,
+            outcome,
+            synced_through,
+        })
+    }
+
+    async fn pause_for_credentials(&self, tenant: &Tenant, e: &BqError) -> Result<(), WorkerError> {
+        // One line per state change, not per attempt: the tenant leaves the schedule here.
+        warn!(tenant = %tenant.slug, error = %e, "credentials rejected; tenant paused until its key is rotated");
+        self.deps
+            .control
+            .set_tenant_status(
+                tenant.id,
+                TenantStatus::CredentialsInvalid,
+                Some(&e.to_string()),
+            )
+            .await?;
+        self.forget_client(tenant.id).await;
+        Ok(())
+    }
+
+    async fn run_slice(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        claim: &Claim,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<SliceRun, WorkerError> {
+        let t0 = Instant::now();
+        let plan = self.plan(spec).await?;
+        let client = self.client(tenant).await?;
+        self.ensure_schema(&client, tenant, spec, &plan, claim)
+            .await?;
+
+        let horizon = self.deps.source.horizon(self.cfg.cursor_skew).await?;
+        let limit = i64::from(spec.slice_rows);
+        let rows = self
+            .deps
+            .source
+            .read_slice(
+                &plan,
+                &tenant.organization_id,
+                &claim.watermark,
+                horizon,
+                limit,
+            )
+            .await?;
+
+        // Second line of tenant isolation: the SQL filtered by tenant; every row is checked again
+        // before anything is sent, and one stray row stops the whole slice.
+        if let Some(bad) = rows
+            .iter()
+            .find(|r| r.tenant.as_deref() != Some(tenant.organization_id.as_str()))
+        {
+            return Err(WorkerError::Isolation(format!(
+                "row {:?} of {} has tenant {:?}, expected {:?}; nothing was sent",
+                bad.key, spec.source_table, bad.tenant, tenant.organization_id
+            )));
+        }
+
+        let batch_id = format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token);
+        let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let payloads: Vec<String> = rows
+            .iter()
+            .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at))
+            .collect();
+        let sizes: Vec<usize> = payloads.iter().map(String::len).collect();
+        let cx = SendCtx {
+            client: &client,
+            tenant,
+            spec,
+            plan: &plan,
+            task: claim.task,
+            rows: &rows,
+            payloads: &payloads,
+            lost,
+            shutdown,
+        };
+        // `handled[i]`: row i is in BigQuery or in the dead-letter table. The watermark moves to
+        // the end of the handled prefix only.
+        let mut handled = vec![false; rows.len()];
+        let mut dead = 0usize;
+        let mut error: Option<String> = None;
+        let max = self.cfg.chunk_limits.max_bytes;
+        let (oversized, sendable): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&i| sizes[i] + chunk::ENVELOPE_BYTES + 1 > max);
+        if !oversized.is_empty() {
+            let reasons: Vec<String> = oversized
+                .iter()
+                .map(|&i| {
+                    format!(
+                        "row is {} bytes, over the {max}-byte insertAll request limit",
+                        sizes[i]
+                    )
+                })
+                .collect();
+            match self.dead_letter(&cx, &oversized, &reasons).await {
+                Ok(()) => {
+                    dead += oversized.len();
+                    oversized.iter().for_each(|&i| handled[i] = true);
+                }
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        let send_sizes: Vec<usize> = sendable.iter().map(|&i| sizes[i]).collect();
+        let (chunks, _) = chunk::plan(&send_sizes, self.cfg.chunk_limits);
+        for range in chunks {
+            if error.is_some() {
+                break;
+            }
+            if lost.is_cancelled() {
+                error = Some("lease lost; stopping before the next chunk".into());
+                break;
+            }
+            if shutdown.is_cancelled() || t0.elapsed() > self.cfg.slice_max_duration {
+                break;
+            }
+            let items = &sendable[range];
+            match self.send_chunk(&cx, items).await {
+                Ok(n) => {
+                    dead += n;
+                    items.iter().for_each(|&i| handled[i] = true);
+                }
+                Err(e) => {
+                    if e.retry() == Retry::PauseTenant {
+                        self.pause_for_credentials(tenant, &e).await?;
+                    }
+                    error = Some(e.to_string());
+                }
+            }
+        }
+        let acked = handled.iter().position(|h| !h).unwrap_or(rows.len());
+        if dead > 0 {
+            info!(tenant = %tenant.slug, table = %spec.source_table, rows = dead, "rows dead-lettered in this slice");
+        }
+
+        if self.hooks.crash(claim.task, CrashPoint::BeforeCommit) {
+            return Ok(SliceRun::Crashed);
+        }
+
+        let drained = acked == rows.len() && (rows.len() as i64) < limit;
+        let last = acked.checked_sub(1).map(|i| &rows[i]);
+        let watermark = last.map(|r| Watermark {
+            cursor: Some(r.cursor.clone()),
+            key: r.key.clone(),
+        });
+        // Everything below the horizon is in BigQuery when the slice drained; otherwise only
+        // what precedes the last acknowledged row's cursor is known complete.
+        let synced_through = if drained {
+            Some(horizon)
+        } else {
+            last.map(|r| r.cursor_ts)
+        };
+        let more = !drained && error.is_none();
+        let next_run_in = if more {
+            Duration::ZERO
+        } else if error.is_some() {
+            task_backoff(self.deps.control.consecutive_failures(claim.task).await? + 1)
+        } else {
+            // Caught up: the coordinator makes the task due again when the tenant changes.
+            self.cfg.idle_recheck
+        };
+        Ok(SliceRun::Done(Progress {
+            watermark,
+            synced_through,
+            // Dead-lettered rows are handled but not synced.
+            rows: acked.saturating_sub(dead) as i64,
+            rerun_if_changed_in: drained
+                .then(|| Duration::from_millis(spec.sync_interval_ms.max(0) as u64)),
+            next_run_in,
+            error,
+        }))
+    }
+
+    /// Send the rows `items` (indices into `cx.rows`) in one insertAll, retrying what the error
+    /// classification says can be retried. Rows BigQuery refuses go to the dead-letter table
+    /// and the rest is sent again; a request refused as a whole is bisected down to the row
+    /// that causes it. Returns how many rows were dead-lettered.
+    async fn send_chunk(&self, cx: &SendCtx<'_>, items: &[usize]) -> Result<usize, BqError> {
+        let mut attempt = 0u32;
+        loop {
+            self.wait_for_budget(cx.tenant, items.len(), cx.lost, cx.shutdown)
+                .await?;
+            let body: Vec<&str> = items.iter().map(|&i| cx.payloads[i].as_str()).collect();
+            let t0 = Instant::now();
+            let result = cx.client.insert_all(&cx.plan.table, &body).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let e = match result {
+                Ok(out) if out.row_errors.is_empty() => {
+                    crate::metrics::insert("ok", secs);
+                    return Ok(0);
+                }
+                Ok(out) => {
+                    crate::metrics::insert("invalid", secs);
+                    let invalid: Vec<_> = out
+                        .row_errors
+                        .iter()
+                        .filter(|e| e.reason != "stopped" && e.index < items.len())
+                        .collect();
+                    let schema_drift = invalid.iter().any(|e| e.message.contains("no such field"));
+                    if invalid.is_empty() || (schema_drift && attempt == 0) {
+                        // Nothing to blame on a row, or the table lost a column behind our
+                        // back: fix the schema once and try again before blaming rows.
+                        attempt += 1;
+                        self.repair_schema(cx).await?;
+                        continue;
+                    }
+                    let dead: Vec<usize> = invalid.iter().map(|e| items[e.index]).collect();
+                    let reasons: Vec<String> = invalid
+                        .iter()
+                        .map(|e| format!("{}: {}", e.reason, e.message))
+                        .collect();
+                    self.dead_letter(cx, &dead, &reasons).await?;
+                    let rest: Vec<usize> = items
+                        .iter()
+                        .copied()
+                        .filter(|i| !dead.contains(i))
+                        .collect();
+                    if rest.is_empty() {
+                        return Ok(dead.len());
+                    }
+                    // The valid rows were "stopped", not written: send them again (same insertIds).
+                    return Ok(dead.len() + Box::pin(self.send_chunk(cx, &rest)).await?);
+                }
+                Err(e) => e,
+            };
+            crate::metrics::insert(e.label(), secs);
+            if matches!(e, BqError::Invalid(_) | BqError::TooLarge(_)) {
+                if items.len() > 1 {
+                    // Refused as a whole: split, so the offending row ends up alone.
+                    let (a, b) = items.split_at(items.len() / 2);
+                    let dead = Box::pin(self.send_chunk(cx, a)).await?;
+                    return Ok(dead + Box::pin(self.send_chunk(cx, b)).await?);
+                }
+                self.dead_letter(cx, items, &[e.to_string()]).await?;
+                return Ok(1);
+            }
+            attempt += 1;
+            let wait = match e.retry() {
+                _ if attempt >= self.cfg.max_attempts => return Err(e),
+                Retry::After(base) => backoff(base, attempt, self.cfg.max_backoff),
+                Retry::AfterFix => {
+                    if matches!(e, BqError::NotFound(_)) {
+                        // Dataset or table deleted behind our back: recreate both.
+                        self.repair_schema(cx).await?;
+                    }
+                    Duration::ZERO
+                }
+                Retry::Never | Retry::PauseTenant => return Err(e),
+            };
+            warn!(tenant = %cx.tenant.slug, table = %cx.plan.table, attempt, error = %e, "insert_all failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cx.lost.cancelled() => return Err(e),
+                _ = cx.shutdown.cancelled() => return Err(e),
+            }
+        }
+    }
+
+    async fn repair_schema(&self, cx: &SendCtx<'_>) -> Result<(), BqError> {
+        self.retry_bq("repair schema", cx.tenant, || async {
+            cx.client.ensure_dataset().await?;
+            self.force_schema(cx.client, cx.spec, cx.plan).await
+        })
+        .await
+        .map_err(|we| match we {
+            WorkerError::BigQuery(b) => b,
+            other => BqError::Transient(other.to_string()),
+        })
+    }
+
+    /// Run an idempotent BigQuery call (dataset, table, view), retrying what the error
+    /// classification says a wait can fix, like insertAll. Without this a single 503 on a
+    /// table create failed the slice and sent the task into its backoff.
+    async fn retry_bq<T, Fut>(
+        &self,
+        what: &'static str,
+        tenant: &Tenant,
+        mut call: impl FnMut() -> Fut,
+    ) -> Result<T, WorkerError>
+    where
+        Fut: std::future::Future<Output = Result<T, WorkerError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let e = match call().await {
+                Ok(v) => return Ok(v),
+                Err(WorkerError::BigQuery(e)) => e,
+                Err(other) => return Err(other),
+            };
+            attempt += 1;
+            let base = match e.retry() {
+                Retry::After(base) if attempt < self.cfg.max_attempts => base,
+                _ => return Err(WorkerError::BigQuery(e)),
+            };
+            warn!(tenant = %tenant.slug, what, attempt, error = %e, "bigquery call failed; retrying");
+            tokio::time::sleep(backoff(base, attempt, self.cfg.max_backoff)).await;
+        }
+    }
+
+    /// Record rows in the dead-letter table. Until this succeeds the watermark cannot pass them.
+    async fn dead_letter(
+        &self,
+        cx: &SendCtx<'_>,
+        items: &[usize],
+        reasons: &[String],
+    ) -> Result<(), BqError> {
+        let letters: Vec<NewDeadLetter> = items
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| NewDeadLetter {
+                key: cx.rows[i].key.clone(),
+                cursor: cx.rows[i].cursor.clone(),
+                reason: reasons
+                    .get(n)
+                    .or(reasons.last())
+                    .cloned()
+                    .unwrap_or_default(),
+                payload: cx.payloads[i].clone(),
+            })
+            .collect();
+        self.deps
+            .control
+            .add_dead_letters(cx.task, &letters)
+            .await
+            .map_err(|e| BqError::Transient(format!("cannot record dead letters: {e}")))?;
+        for l in &letters {
+            warn!(tenant = %cx.tenant.slug, table = %cx.spec.source_table, key = ?l.key, reason = %l.reason, "row dead-lettered");
+        }
+        crate::metrics::dead_lettered(&cx.tenant.slug, &cx.spec.source_table, letters.len() as u64);
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// Wait for this insertAll's slot in the global and the tenant's budget.
+    async fn wait_for_budget(
+        &self,
+        tenant: &Tenant,
+        rows: usize,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BqError> {
+        let budget = tenantsync_lease::ratelimit::Budget {
+            requests_per_s: tenant
+                .max_requests_per_s
+                .or(self.cfg.tenant_budget.requests_per_s),
+            rows_per_s: tenant.max_rows_per_s.or(self.cfg.tenant_budget.rows_per_s),
+        };
+        let global = self.cfg.global_budget;
+        if budget == Default::default() && global == Default::default() {
+            return Ok(());
+        }
+        let wait = self
+            .deps
+            .leases
+            .reserve_insert(global, tenant.id, budget, rows as u64)
+            .await
+            .map_err(|e| BqError::Transient(format!("rate limiter unavailable: {e}")))?;
+        if wait.is_zero() {
+            return Ok(());
+        }
+        crate::metrics::ratelimit_wait(&tenant.slug, wait);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => Ok(()),
+            _ = lost.cancelled() => Err(BqError::Transient("lease lost while rate limited".into())),
+            _ = shutdown.cancelled() => Err(BqError::Transient("shutting down while rate limited".into())),
+        }
+    }
+}
+
+impl Worker {
+    /// Send a dead letter's stored row again (same insertId). Err when BigQuery refuses it.
+    pub async fn resend_dead_letter(
+        &self,
+        d: &tenantsync_store::control::dead_letters::DeadLetter,
+    ) -> Result<(), WorkerError> {
+        let tenant = self.deps.control.tenant_by_id(d.tenant_id).await?;
+        let spec = self.deps.control.table(d.table_id).await?;
+        let client = self.client(&tenant).await?;
+        let out = client
+            .insert_all(&spec.bq_table(), &[d.payload.as_str()])
+            .await?;
+        match out.row_errors.first() {
+            None => Ok(()),
+            Some(e) => Err(WorkerError::BigQuery(BqError::Invalid(format!(
+                "{}: {}",
+                e.reason, e.message
+            )))),
+        }
+    }
+}
+
+/// Everything one slice's sends share.
+struct SendCtx<'a> {
+    client: &'a BigQuery,
+    tenant: &'a Tenant,
+    spec: &'a TableSpec,
+    plan: &'a SlicePlan,
+    task: TaskId,
+    rows: &'a [SourceRow],
+    payloads: &'a [String],
+    lost: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+enum SliceRun {
+    Done(Progress),
+    Crashed,
+}
+
+/// `{"insertId":…,"json":{<row>,"_synced_at":…,"_batch_id":…,"_version_id":…}}`, spliced
+/// from the JSON Postgres rendered, without parsing it.
+fn payload(tenant_id: i64, table: &str, r: &SourceRow, batch_id: &str, synced_at: &str) -> String {
+    let id = insert_id(tenant_id, table, &r.key, &r.cursor, &r.json);
+    let body = r.json.trim_end();
+    let body = body.strip_suffix('}').unwrap_or(body);
+    let mut s = String::with_capacity(body.len() + 160);
+    s.push_str("{\"insertId\":\"");
+    s.push_str(&id);
+    s.push_str("\",\"json\":");
+    s.push_str(body);
+    s.push_str(",\"_synced_at\":\"");
+    s.push_str(synced_at);
+    s.push_str("\",\"_batch_id\":\"");
+    s.push_str(batch_id);
+    s.push_str("\",\"_version_id\":\"");
+    s.push_str(&id);
+    s.push_str("\"}}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_valid_json_with_metadata() {
+        let r = SourceRow {
+            key: vec!["7".into()],
+            cursor: "2024-01-01 00:00:00+00".into(),
+            cursor_ts: Utc::now(),
+            tenant: Some("1".into()),
+            json: r#"{"id":"7","name":"a}b","_op":"insert","_source_ts":"2024-01-01T00:00:00.000000Z"}"#.into(),
+        };
+        let p = payload(1, "contacts", &r, "1-2-3", "2024-01-01T00:00:01.000000Z");
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["json"]["name"], "a}b");
+        assert_eq!(v["json"]["_batch_id"], "1-2-3");
+        assert_eq!(v["insertId"], v["json"]["_version_id"]);
+        assert_eq!(v["insertId"].as_str().unwrap().len(), 32);
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for a in 0..40 {
+            assert!(
+                backoff(Duration::from_secs(1), a, Duration::from_secs(30))
+                    <= Duration::from_secs(30)
+            );
+        }
+        assert_eq!(task_backoff(0), Duration::from_secs(1));
+        assert_eq!(task_backoff(100), Duration::from_secs(256));
+    }
+}

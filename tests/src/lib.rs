@@ -1,0 +1,464 @@
+//! Helpers for end-to-end tests against the real Postgres, Redis and local BigQuery that
+//! `scripts/dev-env` starts. Each test gets its own control-plane and source databases, its own
+//! Redis key prefix and its own dataset names, so tests run in parallel without sharing state.
+
+pub mod http;
+
+use anyhow::{Context, Result};
+use secrecy::SecretString;
+use sqlx::PgPool;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
+use tenantsync_core::crypto::MasterKey;
+use tenantsync_core::{Mode, TableSpec, Tenant};
+use tenantsync_lease::Leases;
+use tenantsync_store::control::tasks::TaskId;
+use tenantsync_store::control::NewTableSpec;
+use tenantsync_store::{ControlPlane, SourceReader};
+use tenantsync_worker::onboard::{self, TenantRequest};
+use tenantsync_worker::{Deps, Hooks, NoHooks, RunMode, Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Read `.env` at the workspace root for variables the environment does not set, so plain
+/// `cargo test` works after `scripts/dev-env`.
+fn load_dotenv() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.env");
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                if !k.starts_with('#') && std::env::var_os(k.trim()).is_none() {
+                    std::env::set_var(k.trim(), v.trim());
+                }
+            }
+        }
+    }
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set; run scripts/dev-env (make test does)"))
+}
+
+/// Everything every test process logs, so a test can scan it for secrets.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(Default::default)
+}
+
+#[derive(Clone)]
+struct Tee;
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        log_buffer().lock().unwrap().extend_from_slice(buf);
+        if std::env::var_os("TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // Debug everywhere, so the secret scan sees as much as an operator could turn on.
+        let filter = tenantsync_bigquery::SECRET_SAFE_LOG_DIRECTIVES.iter().fold(
+            tracing_subscriber::EnvFilter::new("debug,sqlx=warn"),
+            |f, d| f.add_directive(d.parse().expect("static directive")),
+        );
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(|| Tee)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+/// One test's world.
+pub struct TestEnv {
+    pub id: String,
+    pub control: ControlPlane,
+    pub source: SourceReader,
+    pub leases: Leases,
+    pub master_key: Arc<MasterKey>,
+    pub master_key_b64: SecretString,
+    pub endpoint: Endpoint,
+    pub project: String,
+    pub control_url: String,
+    pub source_url: String,
+    pub redis_url: String,
+    admin_url: String,
+    dbs: Vec<String>,
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{db}")
+}
+
+impl TestEnv {
+    /// Fresh databases (control plane migrated, demo schema installed), a unique Redis prefix.
+    pub async fn new() -> Result<Self> {
+        load_dotenv();
+        init_logging();
+        tenantsync_bigquery::client::install_crypto_provider();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let admin_url = var("DATABASE_URL");
+        let admin = tenantsync_store::connect(&admin_url, 1).await?;
+        let control_db = format!("tstest_{id}_ctl");
+        let source_db = format!("tstest_{id}_src");
+        for db in [&control_db, &source_db] {
+            sqlx::query(&format!("CREATE DATABASE {db}"))
+                .execute(&admin)
+                .await?;
+        }
+        admin.close().await;
+        let control_url = with_db(&admin_url, &control_db);
+        let source_url = with_db(&admin_url, &source_db);
+        // Small pools: parallel tests, each with several processes, share one Postgres.
+        let control = ControlPlane::new(tenantsync_store::connect(&control_url, 4).await?);
+        tenantsync_store::migrate(control.pool()).await?;
+        let source = SourceReader::new(tenantsync_store::connect(&source_url, 4).await?);
+        tenantsync_demo::install_schema(source.pool()).await?;
+        let redis_url = var("REDIS_URL");
+        let leases = Leases::connect(&redis_url, &format!("tstest:{id}")).await?;
+        let master_key_b64 = MasterKey::generate_base64();
+        Ok(Self {
+            master_key: Arc::new(MasterKey::from_base64(&master_key_b64)?),
+            master_key_b64,
+            endpoint: Endpoint::emulator(&var("BIGQUERY_EMULATOR_HOST")),
+            project: std::env::var("BIGQUERY_PROJECT")
+                .unwrap_or_else(|_| "tenantsync-local".into()),
+            id,
+            control,
+            source,
+            leases,
+            control_url,
+            source_url,
+            redis_url,
+            admin_url,
+            dbs: vec![control_db, source_db],
+        })
+    }
+
+    pub fn source_pool(&self) -> &PgPool {
+        self.source.pool()
+    }
+
+    /// A dataset name unique to this test (the emulator's insertId cache outlives drops).
+    pub fn dataset(&self, name: &str) -> String {
+        format!("t{}_{}", self.id, name.replace('-', "_"))
+    }
+
+    /// Worker settings for tests: short skew and lease so tests do not wait long.
+    pub fn worker_config(&self) -> WorkerConfig {
+        let mut c = WorkerConfig::new(format!("test-{}", self.id), self.endpoint.clone());
+        c.cursor_skew = Duration::from_millis(50);
+        c.lease_ttl = Duration::from_secs(5);
+        c.request_timeout = Duration::from_secs(20);
+        c.concurrency = 4;
+        c
+    }
+
+    pub fn deps(&self) -> Deps {
+        Deps {
+            control: self.control.clone(),
+            source: self.source.clone(),
+            leases: self.leases.clone(),
+            master_key: self.master_key.clone(),
+        }
+    }
+
+    pub fn worker(&self) -> Arc<Worker> {
+        self.worker_with(self.worker_config(), Arc::new(NoHooks))
+    }
+
+    pub fn worker_with(&self, cfg: WorkerConfig, hooks: Arc<dyn Hooks>) -> Arc<Worker> {
+        Arc::new(Worker::with_hooks(cfg, self.deps(), hooks))
+    }
+
+    /// Register every demo table (organizations keyed by its own id).
+    pub async fn add_demo_tables(&self) -> Result<Vec<TableSpec>> {
+        let mut out = Vec::new();
+        for (table, tenant_column) in tenantsync_demo::TABLES {
+            out.push(self.add_table(table, tenant_column).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn add_table(&self, table: &str, tenant_column: &str) -> Result<TableSpec> {
+        Ok(onboard::add_table(
+            &self.control,
+            &self.source,
+            NewTableSpec {
+                source_schema: "public".into(),
+                source_table: table.into(),
+                key_columns: vec![],
+                cursor_column: "updated_at".into(),
+                tenant_column: tenant_column.into(),
+                mode: Mode::Latest,
+                sync_interval_ms: 100,
+                slice_rows: 5000,
+            },
+        )
+        .await?)
+    }
+
+    /// Onboard organization `org` as tenant `<slug>` in emulator mode (no key).
+    pub async fn add_tenant(&self, slug: &str, org: i64) -> Result<Tenant> {
+        Ok(onboard::add_tenant(
+            &self.control,
+            &self.master_key,
+            &self.endpoint,
+            TenantRequest {
+                slug: slug.into(),
+                organization_id: org.to_string(),
+                project: self.project.clone(),
+                dataset: self.dataset(slug),
+                credentials: None,
+            },
+        )
+        .await?)
+    }
+
+    /// A BigQuery client on a tenant's dataset, for assertions.
+    pub async fn bq(&self, tenant: &Tenant) -> Result<BigQuery> {
+        Ok(BigQuery::new(
+            &self.endpoint,
+            &tenant.bq_project,
+            &tenant.bq_dataset,
+            &Credentials::Emulator,
+            Duration::from_secs(60),
+        )
+        .await?)
+    }
+
+    /// Sync until everything committed so far is in BigQuery; fails if any task failed.
+    pub async fn sync_once(&self, worker: &Arc<Worker>) -> Result<tenantsync_worker::RunSummary> {
+        let s =
+            tenantsync_worker::run(worker.clone(), RunMode::Once, CancellationToken::new()).await?;
+        anyhow::ensure!(s.failed.is_empty(), "tasks failed: {:?}", s.failed);
+        Ok(s)
+    }
+
+    pub async fn task(&self, tenant: &Tenant, table: &TableSpec) -> TaskId {
+        TaskId {
+            tenant_id: tenant.id,
+            table_id: table.id,
+        }
+    }
+
+    /// Drop this test's databases and datasets. Best effort: leftovers are removed by the next
+    /// `make test` (see `scripts/test-cleanup`).
+    pub async fn cleanup(self) -> Result<()> {
+        for t in self.control.tenants().await.unwrap_or_default() {
+            if let Ok(bq) = self.bq(&t).await {
+                let _ = bq.delete_dataset().await;
+            }
+        }
+        self.control.pool().close().await;
+        self.source.pool().close().await;
+        let admin = tenantsync_store::connect(&self.admin_url, 1).await?;
+        for db in &self.dbs {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .execute(&admin)
+                .await
+                .with_context(|| format!("dropping {db}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// First column of the first row of a BigQuery result as i64 (COUNT(*) and friends).
+pub fn scalar_i64(rows: &[Vec<serde_json::Value>]) -> i64 {
+    rows.first()
+        .and_then(|r| r.first())
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_i64().map(|n| n.to_string()))
+        })
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a scalar integer result: {rows:?}"))
+}
+
+/// Cell `i` of a row as a string (NULL as "NULL").
+pub fn cell(row: &[serde_json::Value], i: usize) -> String {
+    match &row[i] {
+        serde_json::Value::Null => "NULL".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The `tenantsync` binary next to the test executables (`make test` builds it first).
+pub fn binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("tenantsync");
+    assert!(
+        bin.exists(),
+        "{} is missing; run `cargo build -p tenantsync` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `tenantsync` process started by a test; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: std::process::Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal (`-9`, `-STOP`, `-CONT`, `-TERM`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {} failed", self.name);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestEnv {
+    /// Start `tenantsync <args>` against this test's databases, Redis prefix and emulator.
+    /// Its log goes to `$TMPDIR/tstest-<id>-<name>.log` (shown on failure by the caller).
+    pub fn spawn(&self, name: &str, args: &[&str], extra: &[(&str, &str)]) -> Proc {
+        let log = std::env::temp_dir().join(format!("tstest-{}-{name}.log", self.id));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = self.command(args);
+        cmd.env("TENANTSYNC_WORKER_ID", name)
+            .env("TENANTSYNC_COORDINATOR_ID", name)
+            .env("TENANTSYNC_CURSOR_SKEW_MS", "50")
+            .env("TENANTSYNC_TICK_MS", "100")
+            .env("TENANTSYNC_METRICS_ADDR", "127.0.0.1:0")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        Proc {
+            name: name.into(),
+            child: cmd.spawn().expect("start tenantsync"),
+        }
+    }
+
+    /// Wait until every schedulable task is confirmed up to `t`, or fail after `timeout`.
+    pub async fn wait_synced_through(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let oldest = self.control.oldest_synced_through().await?;
+            if oldest.is_some_and(|o| o >= t) {
+                return Ok(());
+            }
+            if t0.elapsed() >= timeout {
+                let state: Vec<String> = sqlx::query_scalar(
+                    "SELECT concat_ws(' ', s.tenant_id, s.table_id, 'synced', s.synced_through, 'changed', s.changed_until,
+                                      'next', s.next_run_at, 'scan', cs.scanned_from, cs.scanned_through, 'err', s.last_error)
+                     FROM sync_state s LEFT JOIN change_scans cs USING (table_id)
+                     WHERE effective_synced_through(s, cs) IS NULL OR effective_synced_through(s, cs) < $1",
+                )
+                .bind(t)
+                .fetch_all(self.control.pool())
+                .await?;
+                anyhow::bail!(
+                    "not synced through {t} after {timeout:?} (oldest: {oldest:?}); behind:\n{}",
+                    state.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Who holds a task's lease (the worker name part of the holder).
+    pub async fn lease_holder(&self, task: TaskId) -> Option<String> {
+        self.leases
+            .holder(task.tenant_id, task.table_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|h| h.split(':').next().unwrap_or_default().to_string())
+    }
+}
+
+impl TestEnv {
+    /// Base URL of the emulator this test uses (what `BIGQUERY_EMULATOR_HOST` names, as a URL):
+    /// where proxies in front of it forward to.
+    pub fn emulator_url(&self) -> String {
+        self.endpoint
+            .base_url
+            .trim_end_matches("/bigquery/v2")
+            .to_string()
+    }
+
+    /// `tenantsync <args>` set up for this test's databases, Redis prefix, emulator and key.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(binary());
+        cmd.args(args)
+            .env("DATABASE_URL", &self.control_url)
+            .env("SOURCE_DATABASE_URL", &self.source_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("TENANTSYNC_REDIS_PREFIX", format!("tstest:{}", self.id))
+            .env("BIGQUERY_EMULATOR_HOST", self.emulator_url())
+            .env(
+                "TENANTSYNC_MASTER_KEY",
+                secrecy::ExposeSecret::expose_secret(&self.master_key_b64),
+            )
+            .env("TENANTSYNC_LOG_FORMAT", "json")
+            .env("TENANTSYNC_CONTROL_POOL", "3")
+            .env("TENANTSYNC_SOURCE_POOL", "3");
+        cmd
+    }
+
+    /// Run a one-shot command; (success, stdout+stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        self.cli_with(args, &[])
+    }
+
+    /// Like [`Self::cli`], with extra environment variables (later ones win).
+    pub fn cli_with(&self, args: &[&str], extra: &[(&str, &str)]) -> (bool, String) {
+        let mut cmd = self.command(args);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run tenantsync");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}

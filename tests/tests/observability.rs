@@ -1,0 +1,139 @@
+//! /metrics, /healthz and /readyz of the real binary.
+
+use chrono::Utc;
+use std::time::{Duration, Instant};
+use tenantsync_tests::{Proc, TestEnv};
+
+/// The address a process logged it serves metrics on.
+async fn metrics_addr(env: &TestEnv, p: &Proc) -> String {
+    let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", env.id, p.name));
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("serving /metrics")) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            return v["fields"]["addr"].as_str().unwrap().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{} never served metrics:\n{text}",
+            p.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Value of the first sample whose line starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers() {
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1, 2], 20)
+        .await
+        .unwrap();
+    env.add_table("contacts", "organization_id").await.unwrap();
+    env.add_tenant("org-1", 1).await.unwrap();
+    env.add_tenant("org-2", 2).await.unwrap();
+
+    let run = env.spawn("run", &["run"], &[]);
+    let addr = metrics_addr(&env, &run).await;
+    env.wait_synced_through(Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(get(&addr, "/healthz").await, (200, "ok".into()));
+    assert_eq!(get(&addr, "/readyz").await, (200, "ready".into()));
+
+    // Gauges refresh every 5 s; wait for one refresh after the sync.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, text) = get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let rows = sample(
+        &text,
+        "tenantsync_sync_rows_total{tenant=\"org-1\",table=\"contacts\"}",
+    );
+    assert_eq!(rows, Some(20.0), "rows counter:\n{text}");
+    assert!(
+        sample(
+            &text,
+            "tenantsync_bigquery_insert_requests_total{outcome=\"ok\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tenantsync_bigquery_insert_requests_total{outcome=\"quota_exceeded\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(
+        text.contains("tenantsync_bigquery_insert_duration_seconds_bucket{le=\"0.1\"}"),
+        "histogram missing"
+    );
+    assert!(
+        !text.contains("tenantsync_bigquery_insert_duration_seconds_bucket{tenant"),
+        "no tenant label on histograms"
+    );
+    assert_eq!(sample(&text, "tenantsync_coordinator_is_leader"), Some(1.0));
+    assert_eq!(sample(&text, "tenantsync_workers_live"), Some(1.0));
+    assert_eq!(
+        sample(&text, "tenantsync_tenants{status=\"active\"}"),
+        Some(2.0)
+    );
+    let lag = sample(
+        &text,
+        "tenantsync_sync_lag_seconds{tenant=\"org-2\",table=\"contacts\"}",
+    )
+    .expect("lag gauge");
+    assert!(lag < 10.0, "lag right after catching up: {lag}");
+    drop(run);
+
+    // No worker at all, only a coordinator: new rows wait, and the lag it reports keeps rising.
+    sqlx::query("UPDATE contacts SET name = 'pending' WHERE organization_id = 2")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    let coord = env.spawn("coord", &["coordinator"], &[]);
+    let addr = metrics_addr(&env, &coord).await;
+    let series = "tenantsync_sync_lag_seconds{tenant=\"org-2\",table=\"contacts\"}";
+    let t0 = Instant::now();
+    let first = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(v) = sample(&get(&addr, "/metrics").await.1, series) {
+            break v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "coordinator never served lag"
+        );
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = sample(&get(&addr, "/metrics").await.1, series).unwrap();
+    assert!(
+        later >= first + 4.0,
+        "lag did not rise without workers: {first} then {later}"
+    );
+    // The killed worker left no goodbye: it drops out when its heartbeat is 10 s old.
+    let t0 = Instant::now();
+    while sample(&get(&addr, "/metrics").await.1, "tenantsync_workers_live") != Some(0.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "dead worker still counted live"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(coord);
+    env.cleanup().await.unwrap();
+}

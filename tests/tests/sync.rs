@@ -1,0 +1,364 @@
+//! Cursor-mode sync against the real Postgres, Redis and local BigQuery.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tenantsync_store::control::tasks::TaskId;
+use tenantsync_tests::{cell, scalar_i64, TestEnv};
+use tenantsync_worker::{CrashPoint, Hooks, SliceOutcome};
+use tokio_util::sync::CancellationToken;
+
+/// Rows of `table` for one organization as comparable strings, from Postgres.
+async fn pg_rows(env: &TestEnv, sql: &str, org: i64) -> BTreeSet<String> {
+    let rows: Vec<Vec<String>> = sqlx::query_scalar::<_, Vec<String>>(sql)
+        .bind(org)
+        .fetch_all(env.source_pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r: Vec<String>| r)
+        .collect();
+    rows.into_iter().map(|r| r.join("|")).collect()
+}
+
+async fn bq_rows(bq: &tenantsync_bigquery::BigQuery, sql: &str) -> BTreeSet<String> {
+    bq.query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| cell(r, i))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_tenant_gets_only_its_rows_and_latest_equals_postgres() {
+    let env = TestEnv::new().await.unwrap();
+    let orgs = [1i64, 2, 3];
+    tenantsync_demo::seed(env.source_pool(), &orgs, 40)
+        .await
+        .unwrap();
+    let tables = env.add_demo_tables().await.unwrap();
+    let mut tenants = Vec::new();
+    for org in orgs {
+        tenants.push(env.add_tenant(&format!("org-{org}"), org).await.unwrap());
+    }
+    let mut generator =
+        tenantsync_demo::Generator::new(env.source_pool().clone(), orgs.to_vec(), 7)
+            .await
+            .unwrap();
+    for _ in 0..20 {
+        generator.step(60).await.unwrap();
+    }
+    let worker = env.worker();
+    let first = env.sync_once(&worker).await.unwrap();
+    assert!(first.rows > 500, "backfill synced only {} rows", first.rows);
+    // More inserts and updates on top: the watermark must continue, updates must win in _latest.
+    for _ in 0..10 {
+        generator.step(60).await.unwrap();
+    }
+    env.sync_once(&worker).await.unwrap();
+
+    for (tenant, org) in tenants.iter().zip(orgs) {
+        let bq = env.bq(tenant).await.unwrap();
+        for spec in &tables {
+            let t = &spec.source_table;
+            let col = &spec.tenant_column;
+            // Isolation: the base table (every version ever sent) holds only this tenant's rows.
+            let seen = bq_rows(
+                &bq,
+                &format!(
+                    "SELECT DISTINCT CAST({col} AS STRING) FROM {}",
+                    bq.qualified(t)
+                ),
+            )
+            .await;
+            assert_eq!(
+                seen,
+                BTreeSet::from([org.to_string()]),
+                "{t} of {} holds other tenants' rows",
+                tenant.slug
+            );
+            // Same keys and versions in `_latest` as in Postgres.
+            let pg = pg_rows(
+                &env,
+                &format!(
+                    "SELECT ARRAY[id::text, (extract(epoch FROM updated_at) * 1000000)::bigint::text]
+                     FROM {t} WHERE {col} = $1"
+                ),
+                org,
+            )
+            .await;
+            let got = bq_rows(
+                &bq,
+                &format!(
+                    "SELECT CAST(id AS STRING), CAST(UNIX_MICROS(updated_at) AS STRING) FROM {}",
+                    bq.qualified(&format!("{t}_latest"))
+                ),
+            )
+            .await;
+            assert!(!pg.is_empty(), "no source rows in {t} for org {org}");
+            assert_eq!(
+                got, pg,
+                "{t}_latest of {} differs from Postgres",
+                tenant.slug
+            );
+        }
+        // Contents, not just versions: every mapped type of contacts round-trips.
+        let pg = pg_rows(
+            &env,
+            "SELECT ARRAY[id::text, coalesce(name, 'NULL'), phone, language, optin_status::text,
+                          coalesce((balance * 100)::bigint::text, 'NULL'), array_to_string(tags, ','),
+                          fields->>'visits', coalesce((extract(epoch FROM optin_time) * 1000000)::bigint::text, 'NULL')]
+             FROM contacts WHERE organization_id = $1",
+            org,
+        )
+        .await;
+        let got = bq_rows(
+            &bq,
+            &format!(
+                "SELECT CAST(id AS STRING), name, phone, language, CAST(optin_status AS STRING),
+                        CAST(CAST(balance * 100 AS INT64) AS STRING), ARRAY_TO_STRING(tags, ','),
+                        JSON_VALUE(fields, '$.visits'), CAST(UNIX_MICROS(optin_time) AS STRING)
+                 FROM {}",
+                bq.qualified("contacts_latest")
+            ),
+        )
+        .await;
+        assert_eq!(got, pg, "contacts contents of {} differ", tenant.slug);
+    }
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_open_while_later_rows_commit_is_not_skipped() {
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1], 5)
+        .await
+        .unwrap();
+    let contacts = env.add_table("contacts", "organization_id").await.unwrap();
+    let tenant = env.add_tenant("org-1", 1).await.unwrap();
+    let worker = env.worker();
+    env.sync_once(&worker).await.unwrap();
+
+    // T1 starts and writes a row (updated_at = T1's start) but does not commit yet.
+    let mut slow = env.source_pool().begin().await.unwrap();
+    let early: i64 = sqlx::query_scalar(
+        "INSERT INTO contacts (organization_id, phone, name) VALUES (1, '+1', 'slow') RETURNING id",
+    )
+    .fetch_one(&mut *slow)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A later transaction commits a row with a larger updated_at.
+    let late: i64 = sqlx::query_scalar(
+        "INSERT INTO contacts (organization_id, phone, name) VALUES (1, '+2', 'fast') RETURNING id",
+    )
+    .fetch_one(env.source_pool())
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let task = TaskId {
+        tenant_id: tenant.id,
+        table_id: contacts.id,
+    };
+    let never = CancellationToken::new();
+    for _ in 0..3 {
+        worker.try_execute_task(task, &never).await.unwrap();
+    }
+    let bq = env.bq(&tenant).await.unwrap();
+    let ids = |bq: tenantsync_bigquery::BigQuery| async move {
+        bq_rows(
+            &bq,
+            &format!(
+                "SELECT CAST(id AS STRING) FROM {}",
+                bq.qualified("contacts_latest")
+            ),
+        )
+        .await
+    };
+    let before = ids(bq.clone()).await;
+    // Polling by watermark alone would have sent `late` and moved past `early` for good.
+    assert!(
+        !before.contains(&late.to_string()),
+        "row committed after an open transaction's start was read past it"
+    );
+
+    slow.commit().await.unwrap();
+    env.sync_once(&worker).await.unwrap();
+    let after = ids(bq).await;
+    assert!(
+        after.contains(&early.to_string()),
+        "the out-of-order commit was skipped"
+    );
+    assert!(after.contains(&late.to_string()));
+    let pg: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts WHERE organization_id = 1")
+        .fetch_one(env.source_pool())
+        .await
+        .unwrap();
+    assert_eq!(after.len() as i64, pg);
+    env.cleanup().await.unwrap();
+}
+
+/// Crashes the first slice of every task right before its watermark commit.
+struct CrashOnce(AtomicBool);
+impl Hooks for CrashOnce {
+    fn crash(&self, _task: TaskId, at: CrashPoint) -> bool {
+        at == CrashPoint::BeforeCommit && !self.0.swap(true, Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_between_insert_all_and_commit_loses_nothing_and_duplicates_stay_invisible() {
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1], 300)
+        .await
+        .unwrap();
+    let contacts = env.add_table("contacts", "organization_id").await.unwrap();
+    let tenant = env.add_tenant("org-1", 1).await.unwrap();
+    let task = TaskId {
+        tenant_id: tenant.id,
+        table_id: contacts.id,
+    };
+
+    let mut cfg = env.worker_config();
+    cfg.lease_ttl = std::time::Duration::from_secs(4);
+    let crashing = env.worker_with(cfg.clone(), Arc::new(CrashOnce(AtomicBool::new(false))));
+    let never = CancellationToken::new();
+    let r = crashing.try_execute_task(task, &never).await.unwrap();
+    assert_eq!(r.outcome, SliceOutcome::Crashed);
+    // The crashed worker still "holds" its lease until the TTL runs out: nobody else may run.
+    let busy = env.worker().try_execute_task(task, &never).await.unwrap();
+    assert_eq!(busy.outcome, SliceOutcome::Busy);
+    let bq = env.bq(&tenant).await.unwrap();
+    let sent = scalar_i64(
+        &bq.query(&format!(
+            "SELECT COUNT(*) FROM {}",
+            bq.qualified("contacts")
+        ))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        sent, 300,
+        "insertAll should have delivered the slice before the crash"
+    );
+    // ... and it committed nothing.
+    let claim_state = env.control.status().await.unwrap();
+    assert_eq!(claim_state[0].rows_synced, 0);
+    let t0 = std::time::Instant::now();
+    while env.lease_holder(task).await.is_some() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A new worker takes over after the lease expired and re-sends the same versions.
+    let fresh = env.worker();
+    env.sync_once(&fresh).await.unwrap();
+
+    let pg: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts WHERE organization_id = 1")
+        .fetch_one(env.source_pool())
+        .await
+        .unwrap();
+    let latest = scalar_i64(
+        &bq.query(&format!(
+            "SELECT COUNT(*) FROM {}",
+            bq.qualified("contacts_latest")
+        ))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(latest, pg);
+    let dup_keys = bq
+        .query(&format!(
+            "SELECT id FROM {} GROUP BY id HAVING COUNT(*) > 1",
+            bq.qualified("contacts_latest")
+        ))
+        .await
+        .unwrap();
+    assert!(
+        dup_keys.is_empty(),
+        "_latest shows duplicates: {dup_keys:?}"
+    );
+    // Retries reuse insertIds, so even the base table holds each version once here.
+    let versions = scalar_i64(
+        &bq.query(&format!(
+            "SELECT COUNT(DISTINCT _version_id) FROM {}",
+            bq.qualified("contacts")
+        ))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(versions, pg);
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_per_row_tenant_check_stops_a_row_the_sql_filter_let_through() {
+    // A numeric tenant column: SQL equality says 1.0 = 1, but the row's tenant value as sent
+    // ("1.0") is not the tenant's id ("1"). The per-row check refuses the whole slice.
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, org numeric NOT NULL, amount numeric(10,2),
+                              updated_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO ledger VALUES (1, 1, 10.00, now() - interval '1 minute'), (2, 1.0, 5.00, now() - interval '1 minute');",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let ledger = env.add_table("ledger", "org").await.unwrap();
+    let tenant = env.add_tenant("org-1", 1).await.unwrap();
+    let task = TaskId {
+        tenant_id: tenant.id,
+        table_id: ledger.id,
+    };
+    let r = env
+        .worker()
+        .try_execute_task(task, &CancellationToken::new())
+        .await
+        .unwrap();
+    match r.outcome {
+        SliceOutcome::Failed { rows: 0, error } => {
+            assert!(error.contains("tenant isolation check failed"), "{error}")
+        }
+        other => panic!("expected the slice to be refused, got {other:?}"),
+    }
+    let bq = env.bq(&tenant).await.unwrap();
+    let sent = scalar_i64(
+        &bq.query(&format!("SELECT COUNT(*) FROM {}", bq.qualified("ledger")))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sent, 0, "nothing of a refused slice may be sent");
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_without_mapping_is_named_when_the_table_is_added() {
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE places (id bigint PRIMARY KEY, organization_id bigint NOT NULL, area polygon,
+                              updated_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let err = env
+        .add_table("places", "organization_id")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"area\"") && err.contains("polygon"), "{err}");
+    assert!(
+        env.control.tables().await.unwrap().is_empty(),
+        "nothing may be saved"
+    );
+    env.cleanup().await.unwrap();
+}
