@@ -19,22 +19,29 @@ pub enum CryptoError {
     KeyNotBase64,
     #[error("master key must be 32 bytes after base64 decoding, got {0}")]
     KeyLength(usize),
-    #[error("credential was sealed with master key {found}, but only {have} is configured")]
+    #[error("credential was sealed with master key {found}, which is not configured (configured: {have}); add it to TENANTSYNC_MASTER_KEYS_OLD")]
     UnknownKeyId { found: String, have: String },
     #[error("credential could not be decrypted (wrong master key or tampered ciphertext)")]
     Decrypt,
 }
 
-/// The master key. `Debug` shows only its id.
+/// The master key, plus the previous master keys still accepted for opening during a rotation.
+/// New seals always use the current key. `Debug` shows only key ids.
 pub struct MasterKey {
     id: String,
     key: SecretBox<[u8; 32]>,
+    /// Keys being rotated away from: they open old ciphertexts, they never seal.
+    previous: Vec<MasterKey>,
 }
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey")
             .field("id", &self.id)
+            .field(
+                "previous",
+                &self.previous.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -62,7 +69,31 @@ impl MasterKey {
         Ok(Self {
             id,
             key: SecretBox::new(Box::new(key)),
+            previous: Vec::new(),
         })
+    }
+
+    /// Also accept `previous` keys for opening (a master-key rotation in progress). A previous
+    /// key equal to the current one is dropped; nesting is flattened.
+    pub fn with_previous(mut self, previous: Vec<MasterKey>) -> Self {
+        for mut k in previous {
+            let nested = std::mem::take(&mut k.previous);
+            if k.id != self.id && !self.previous.iter().any(|p| p.id == k.id) {
+                self.previous.push(k);
+            }
+            self = self.with_previous(nested);
+        }
+        self
+    }
+
+    /// Whether a ciphertext sealed under `key_id` can be opened with this key set.
+    pub fn can_open(&self, key_id: &str) -> bool {
+        self.id == key_id || self.previous.iter().any(|k| k.id == key_id)
+    }
+
+    /// Ids of the previous keys accepted for opening.
+    pub fn previous_ids(&self) -> Vec<&str> {
+        self.previous.iter().map(|k| k.id.as_str()).collect()
     }
 
     /// A fresh random key, base64-encoded (for `tenantsync keys generate` and tests).
@@ -101,13 +132,34 @@ impl MasterKey {
         }
     }
 
+    /// Open with whichever configured key (current or previous) sealed it.
     pub fn open(&self, sealed: &Sealed, tenant_id: i64) -> Result<SecretString, CryptoError> {
-        if sealed.key_id != self.id {
-            return Err(CryptoError::UnknownKeyId {
-                found: sealed.key_id.clone(),
-                have: self.id.clone(),
-            });
+        if sealed.key_id == self.id {
+            return self.open_own(sealed, tenant_id);
         }
+        match self.previous.iter().find(|k| k.id == sealed.key_id) {
+            Some(k) => k.open_own(sealed, tenant_id),
+            None => Err(CryptoError::UnknownKeyId {
+                found: sealed.key_id.clone(),
+                have: std::iter::once(self.id.as_str())
+                    .chain(self.previous_ids())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Open a ciphertext again under the current key (master-key rotation). Returns None when
+    /// it is sealed under the current key already.
+    pub fn reseal(&self, sealed: &Sealed, tenant_id: i64) -> Result<Option<Sealed>, CryptoError> {
+        if sealed.key_id == self.id {
+            return Ok(None);
+        }
+        let plain = self.open(sealed, tenant_id)?;
+        Ok(Some(self.seal(plain.expose_secret().as_bytes(), tenant_id)))
+    }
+
+    fn open_own(&self, sealed: &Sealed, tenant_id: i64) -> Result<SecretString, CryptoError> {
         if sealed.nonce.len() != 12 {
             return Err(CryptoError::Decrypt);
         }
@@ -147,6 +199,27 @@ mod tests {
             other.open(&s, 7),
             Err(CryptoError::UnknownKeyId { .. })
         ));
+    }
+
+    #[test]
+    fn previous_keys_open_old_ciphertexts_and_reseal_moves_them_to_the_current_key() {
+        let old = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+        let s = old.seal(b"the key", 3);
+        let old_id = old.id().to_string();
+        let new = MasterKey::from_base64(&MasterKey::generate_base64())
+            .unwrap()
+            .with_previous(vec![old]);
+        assert!(new.can_open(&old_id) && new.can_open(new.id()));
+        assert_eq!(new.open(&s, 3).unwrap().expose_secret(), "the key");
+        let moved = new.reseal(&s, 3).unwrap().expect("resealed");
+        assert_eq!(moved.key_id, new.id());
+        assert_eq!(new.open(&moved, 3).unwrap().expose_secret(), "the key");
+        assert!(new.reseal(&moved, 3).unwrap().is_none());
+        // Without the old key, the old ciphertext is refused by key id, naming the ids only.
+        let alone = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+        let e = alone.open(&s, 3).unwrap_err().to_string();
+        assert!(e.contains(&old_id) && e.contains(alone.id()), "{e}");
+        assert!(!format!("{new:?}").contains("key:"));
     }
 
     #[test]

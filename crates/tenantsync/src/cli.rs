@@ -47,8 +47,21 @@ pub enum Command {
     Coordinator,
     /// Run tasks from the queues, as one member of the worker pool.
     Worker,
-    /// Per tenant and table: rows synced, watermark, lag, last error; workers, leader, queues.
-    Status(ListArgs),
+    /// Per tenant and table: state, watermark, lag, backfill progress and ETA, last error;
+    /// workers, leader, queues.
+    Status(StatusArgs),
+    /// Master keys: re-seal every credential under the current key (rotation), or count
+    /// credentials per key.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Bearer tokens of the admin API.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+    /// The audit log of admin actions, newest first.
+    Audit(AuditArgs),
+    /// Serve the admin HTTP API on TENANTSYNC_ADMIN_ADDR (OpenAPI document at /openapi.json).
+    #[command(alias = "api")]
+    AdminApi,
     /// Rows BigQuery refused: list them, send them again, or discard them.
     #[command(subcommand)]
     Dlq(DlqCmd),
@@ -82,6 +95,48 @@ pub enum DlqCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Re-seal every stored credential under TENANTSYNC_MASTER_KEY. Run it after every process
+    /// has TENANTSYNC_MASTER_KEY set to the new key and the old one in
+    /// TENANTSYNC_MASTER_KEYS_OLD; syncing goes on meanwhile.
+    Rotate,
+    /// Stored credentials per master key id (which keys are still needed).
+    Status(ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Create a token; it is printed once and only its hash is stored.
+    Create {
+        /// Name the token acts under in the audit log (e.g. `ops-alice`, `terraform`).
+        name: String,
+    },
+    /// List tokens (names and dates; never the tokens).
+    List(ListArgs),
+    /// Revoke a token: it gets 401 from then on.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Entries to show.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this tenant.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Print JSON (one array) instead of a table.
@@ -99,6 +154,35 @@ pub enum TenantCmd {
     Limits(TenantLimits),
     /// Replace a tenant's key after checking it works; resumes a tenant whose key was rejected.
     RotateCredentials(RotateCredentials),
+    /// A tenant and each of its tables: state, watermark, lag, rows, progress, last error.
+    Show {
+        slug: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop scheduling a tenant's tasks (slices in flight finish).
+    Pause {
+        slug: String,
+        /// Why, for `tenant show` and the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Schedule a paused tenant again, at once.
+    Resume { slug: String },
+    /// Remove a tenant from tenantsync. Asks whether to keep or drop its BigQuery dataset;
+    /// without a terminal, --keep-data or --drop-data is required.
+    Remove(TenantRemove),
+}
+
+#[derive(Debug, Args)]
+pub struct TenantRemove {
+    pub slug: String,
+    /// Leave the tenant's BigQuery dataset as it is.
+    #[arg(long, conflicts_with = "drop_data")]
+    pub keep_data: bool,
+    /// Delete the tenant's BigQuery dataset and everything in it.
+    #[arg(long)]
+    pub drop_data: bool,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +228,19 @@ pub enum TablesCmd {
     Add(TablesAdd),
     /// List registered tables.
     List(ListArgs),
+    /// Sync a table for one tenant again (it is due at once).
+    Enable(TableSwitch),
+    /// Stop syncing a table for one tenant (other tenants are not affected).
+    Disable(TableSwitch),
+}
+
+#[derive(Debug, Args)]
+pub struct TableSwitch {
+    /// Table name, or `schema.name` outside public.
+    pub table: String,
+    /// The tenant (slug).
+    #[arg(long)]
+    pub tenant: String,
 }
 
 #[derive(Debug, Args)]

@@ -81,7 +81,29 @@ pub fn master_key() -> Result<MasterKey> {
         "base64 of 32 random bytes; encrypts tenant credentials",
     )?
     .into();
-    MasterKey::from_base64(&raw).context("TENANTSYNC_MASTER_KEY is not usable")
+    let current = MasterKey::from_base64(&raw).context("TENANTSYNC_MASTER_KEY is not usable")?;
+    Ok(current.with_previous(previous_master_keys()?))
+}
+
+/// Previous master keys (`TENANTSYNC_MASTER_KEYS_OLD`, comma-separated base64): during a
+/// rotation they still open credentials not yet re-sealed under `TENANTSYNC_MASTER_KEY`.
+fn previous_master_keys() -> Result<Vec<MasterKey>> {
+    let Some(list) = var("TENANTSYNC_MASTER_KEYS_OLD") else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+        .map(|(i, b64)| {
+            MasterKey::from_base64(&SecretString::from(b64.to_string())).with_context(|| {
+                format!(
+                    "TENANTSYNC_MASTER_KEYS_OLD: entry {} (of the comma-separated list) is not usable",
+                    i + 1
+                )
+            })
+        })
+        .collect()
 }
 
 /// Worker settings, each overridable by a `TENANTSYNC_…` variable.
@@ -165,4 +187,13 @@ pub fn metrics_addr() -> Result<std::net::SocketAddr> {
 /// How long shutdown may take before the process exits anyway.
 pub fn shutdown_grace() -> Result<Duration> {
     millis("TENANTSYNC_SHUTDOWN_GRACE_MS", 25_000)
+}
+
+/// Where `tenantsync admin-api` listens. Loopback by default: put it behind TLS termination
+/// before exposing it.
+pub fn admin_addr() -> Result<std::net::SocketAddr> {
+    parsed(
+        "TENANTSYNC_ADMIN_ADDR",
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9465)),
+    )
 }

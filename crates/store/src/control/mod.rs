@@ -1,5 +1,6 @@
 //! The control plane: tenants, sealed credentials, table specs, sync state and the run log.
 
+pub mod admin;
 pub mod dead_letters;
 pub mod tasks;
 

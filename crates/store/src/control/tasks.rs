@@ -207,17 +207,23 @@ impl ControlPlane {
 
     /// Issue a new fencing token for the task and return its watermark. Call only while holding
     /// the task's Redis lease; the token invalidates every earlier holder's pending commit.
+    /// A task switched off for its tenant (`tables disable --tenant`) cannot be claimed, so a
+    /// copy still queued when it was switched off sends nothing.
     pub async fn claim(&self, task: TaskId) -> Result<Claim> {
         let row = sqlx::query(
             "UPDATE sync_state SET fencing_token = fencing_token + 1
-             WHERE tenant_id = $1 AND table_id = $2
+             WHERE tenant_id = $1 AND table_id = $2 AND enabled
              RETURNING fencing_token, watermark_cursor, watermark_key, synced_through, schema_hash",
         )
         .bind(task.tenant_id)
         .bind(task.table_id)
         .fetch_optional(self.pool())
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("no sync state for task {task}")))?;
+        .ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "task {task} is disabled for its tenant or has no sync state"
+            ))
+        })?;
         let key: Option<Vec<String>> = row.try_get("watermark_key")?;
         Ok(Claim {
             task,

@@ -1,6 +1,7 @@
 //! Subcommand implementations: each builds what it needs from the configuration and calls
 //! into the library crates.
 
+mod admin;
 mod demo;
 
 use crate::cli::{Cli, Command, ListArgs, RunArgs, TablesCmd, TenantCmd};
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use secrecy::SecretString;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tenantsync_admin::cli_actor;
 use tenantsync_lease::Leases;
 use tenantsync_store::control::NewTableSpec;
 use tenantsync_store::{ControlPlane, SourceReader};
@@ -47,6 +49,18 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 },
             )
             .await?;
+            control
+                .audit(
+                    &cli_actor(),
+                    "tenant.add",
+                    Some(&t.slug),
+                    serde_json::json!({
+                        "organization_id": t.organization_id,
+                        "dataset": format!("{}.{}", t.bq_project, t.bq_dataset),
+                        "key": t.has_credentials,
+                    }),
+                )
+                .await?;
             println!(
                 "tenant {} added (organization {}, dataset {}.{}); its backfill starts with the next worker tick",
                 t.slug, t.organization_id, t.bq_project, t.bq_dataset
@@ -61,14 +75,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     )
                 })?,
             );
-            let t = onboard::rotate_credentials(
-                &control().await?,
-                &config::master_key()?,
-                &config::endpoint(),
-                &a.slug,
-                json,
-            )
-            .await?;
+            let mut admin = tenantsync_admin::Admin::new(control().await?, config::endpoint());
+            admin.master_key = Some(Arc::new(config::master_key()?));
+            let t = admin
+                .rotate_credentials(&cli_actor(), &a.slug, json)
+                .await?;
             println!("tenant {}: new key stored, status {}", t.slug, t.status);
         }
         Command::Tenant(TenantCmd::Limits(a)) => {
@@ -80,9 +91,20 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     anyhow::bail!("{flag} must be a positive number");
                 }
             }
-            let t = control()
-                .await?
+            let control = control().await?;
+            let t = control
                 .set_tenant_limits(&a.slug, a.requests_per_second, a.rows_per_second)
+                .await?;
+            control
+                .audit(
+                    &cli_actor(),
+                    "tenant.limits",
+                    Some(&t.slug),
+                    serde_json::json!({
+                        "requests_per_s": t.max_requests_per_s,
+                        "rows_per_s": t.max_rows_per_s,
+                    }),
+                )
                 .await?;
             let show = |v: Option<f64>| v.map_or("default".to_string(), |v| v.to_string());
             println!(
@@ -132,6 +154,14 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 },
             )
             .await?;
+            control
+                .audit(
+                    &cli_actor(),
+                    "table.add",
+                    Some(&format!("{}.{}", spec.source_schema, spec.source_table)),
+                    serde_json::json!({"mode": spec.mode.to_string(), "tenant_column": spec.tenant_column}),
+                )
+                .await?;
             println!(
                 "table {}.{} registered (key {}, cursor {}, tenant column {}, mode {})",
                 spec.source_schema,
@@ -163,10 +193,23 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(r) => return run(r).await,
         Command::Coordinator => return serve(true, false).await,
         Command::Worker => return serve(false, true).await,
-        Command::Status(l) => {
-            status(&control().await?, &l).await?;
-            pool_status(&l).await?;
+        Command::Status(s) => {
+            let json = s.json;
+            admin::status(s).await?;
+            pool_status(&ListArgs { json }).await?;
         }
+        Command::Tenant(TenantCmd::Show { slug, json }) => admin::show(&slug, json).await?,
+        Command::Tenant(TenantCmd::Pause { slug, reason }) => {
+            admin::pause(&slug, reason.as_deref()).await?
+        }
+        Command::Tenant(TenantCmd::Resume { slug }) => admin::resume(&slug).await?,
+        Command::Tenant(TenantCmd::Remove(r)) => admin::remove(r).await?,
+        Command::Tables(TablesCmd::Enable(s)) => admin::set_table(s, true).await?,
+        Command::Tables(TablesCmd::Disable(s)) => admin::set_table(s, false).await?,
+        Command::Keys(cmd) => return admin::keys(cmd).await,
+        Command::Tokens(cmd) => admin::tokens(cmd).await?,
+        Command::Audit(a) => admin::audit(a).await?,
+        Command::AdminApi => return admin::serve_api().await,
         Command::Demo(d) => return demo::run(d).await,
         Command::Dlq(cmd) => return dlq(cmd).await,
     }
@@ -445,6 +488,14 @@ async fn dlq(cmd: crate::cli::DlqCmd) -> Result<ExitCode> {
             for d in &picked {
                 control.resolve_dead_letter(d.id, "discarded", None).await?;
             }
+            control
+                .audit(
+                    &cli_actor(),
+                    "dlq.discard",
+                    tenant.as_deref(),
+                    serde_json::json!({"ids": picked.iter().map(|d| d.id).collect::<Vec<_>>()}),
+                )
+                .await?;
             println!("discarded {} dead letter(s)", picked.len());
         }
         DlqCmd::Retry { ids, tenant } => {
@@ -465,6 +516,14 @@ async fn dlq(cmd: crate::cli::DlqCmd) -> Result<ExitCode> {
                     }
                 }
             }
+            control
+                .audit(
+                    &cli_actor(),
+                    "dlq.retry",
+                    tenant.as_deref(),
+                    serde_json::json!({"retried": ok, "refused": failed}),
+                )
+                .await?;
             println!("retried {ok} dead letter(s); {failed} refused again (still open)");
             if failed > 0 {
                 return Ok(ExitCode::FAILURE);
