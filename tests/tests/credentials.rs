@@ -454,3 +454,154 @@ async fn a_revoked_key_pauses_only_its_tenant_until_a_working_key_is_rotated_in(
     );
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_insufficient_keys_are_refused_by_name_and_nothing_is_saved() {
+    let env = TestEnv::new().await.unwrap();
+    let fx = fixture(env.emulator_url()).await;
+    env.add_table("contacts", "organization_id").await.unwrap();
+    // A BigQuery that accepts the token but lets this account do nothing on the dataset, the
+    // way Google words it.
+    let (denied_addr, _d) = serve(Arc::new(|req: Request| {
+        Box::pin(async move {
+            let permission = if req.method == "POST" {
+                "bigquery.datasets.create"
+            } else {
+                "bigquery.datasets.get"
+            };
+            Response::json(403, &serde_json::json!({"error": {"code": 403,
+                "message": format!("Access Denied: Permission {permission} denied (or it may not exist)."),
+                "errors": [{"reason": "accessDenied"}]}}))
+        })
+    }))
+    .await;
+    let denied = format!("http://{denied_addr}");
+    let dir = std::env::temp_dir().join(format!("ts-bad-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key.json");
+    let good = secrecy::ExposeSecret::expose_secret(&fx.key_json).to_string();
+    let without = |field: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        v.as_object_mut().unwrap().remove(field);
+        v.to_string()
+    };
+    let retyped = good.replace("\"service_account\"", "\"authorized_user\"");
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "truncated JSON",
+            good[..good.len() / 2].to_string(),
+            &fx.proxy_url,
+            "not valid JSON",
+        ),
+        (
+            "wrong key type",
+            retyped,
+            &fx.proxy_url,
+            "type \"service_account\") is required",
+        ),
+        (
+            "no private key",
+            without("private_key"),
+            &fx.proxy_url,
+            "missing field(s): private_key",
+        ),
+        (
+            "no client email",
+            without("client_email"),
+            &fx.proxy_url,
+            "missing field(s): client_email",
+        ),
+        (
+            "no dataset access",
+            good.clone(),
+            &denied,
+            "bigquery.datasets.",
+        ),
+    ];
+    let mut outputs = Vec::new();
+    for (what, key, host, expect) in &cases {
+        std::fs::write(&key_file, key).unwrap();
+        let (ok, out) = env.cli_with(
+            &[
+                "tenant",
+                "add",
+                "ngo-a",
+                "--organization-id",
+                "1",
+                "--project",
+                &env.project,
+                "--dataset",
+                &env.dataset("ngo_a"),
+                "--credentials-file",
+                key_file.to_str().unwrap(),
+            ],
+            &[("BIGQUERY_EMULATOR_HOST", host)],
+        );
+        assert!(!ok, "{what}: accepted");
+        assert!(
+            out.contains(expect),
+            "{what}: the error does not say what is wrong: {out}"
+        );
+        outputs.push(out);
+    }
+    let saved: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM tenants) + (SELECT count(*) FROM tenant_credentials)
+              + (SELECT count(*) FROM sync_state) + (SELECT count(*) FROM audit_log)",
+    )
+    .fetch_one(env.control.pool())
+    .await
+    .unwrap();
+    assert_eq!(saved, 0, "a refused key left something behind");
+
+    // Rotation refuses the same keys and keeps the working one.
+    std::fs::write(&key_file, &good).unwrap();
+    let (ok, out) = env.cli_with(
+        &[
+            "tenant",
+            "add",
+            "ngo-a",
+            "--organization-id",
+            "1",
+            "--project",
+            &env.project,
+            "--dataset",
+            &env.dataset("ngo_a"),
+            "--credentials-file",
+            key_file.to_str().unwrap(),
+        ],
+        &[("BIGQUERY_EMULATOR_HOST", fx.proxy_url.as_str())],
+    );
+    assert!(ok, "{out}");
+    outputs.push(out);
+    let stored = env.control.credentials(1).await.unwrap().unwrap();
+    for (what, key, host, expect) in &cases {
+        std::fs::write(&key_file, key).unwrap();
+        let (ok, out) = env.cli_with(
+            &[
+                "tenant",
+                "rotate-credentials",
+                "ngo-a",
+                "--credentials-file",
+                key_file.to_str().unwrap(),
+            ],
+            &[("BIGQUERY_EMULATOR_HOST", host)],
+        );
+        assert!(!ok && out.contains(expect), "rotate with {what}: {out}");
+        outputs.push(out);
+    }
+    assert_eq!(env.control.credentials(1).await.unwrap().unwrap(), stored);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let all = outputs.join("\n");
+    for (what, text) in [("cli output", &all), ("test logs", &captured_logs())] {
+        assert!(
+            !text.contains(&fx.secret_marker),
+            "private key material found in {what}"
+        );
+        assert!(
+            !text.contains("BEGIN PRIVATE KEY"),
+            "private key found in {what}"
+        );
+        assert!(!text.contains(&fx.token), "access token found in {what}");
+    }
+    env.cleanup().await.unwrap();
+}
