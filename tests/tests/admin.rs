@@ -536,3 +536,56 @@ async fn admin_api_refuses_missing_wrong_and_revoked_tokens_and_serves_the_opera
     drop(api);
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_backfill_progress_and_eta_while_a_backfill_is_under_way() {
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1], 10)
+        .await
+        .unwrap();
+    // One bulk insert: 12,000 rows sharing one cursor value, the hard case for progress.
+    tenantsync_demo::backfill(env.source_pool(), &[1], 12_000)
+        .await
+        .unwrap();
+    let messages = env.add_table("messages", "organization_id").await.unwrap();
+    let a = env.add_tenant("ngo-a", 1).await.unwrap();
+    let task = env.task(&a, &messages).await;
+    // One slice (5,000 rows) of the backfill.
+    env.worker()
+        .try_execute_task(task, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    let synced: i64 = sqlx::query_scalar(
+        "SELECT rows_synced FROM sync_state WHERE tenant_id = $1 AND table_id = $2",
+    )
+    .bind(a.id)
+    .bind(messages.id)
+    .fetch_one(env.control.pool())
+    .await
+    .unwrap();
+    assert!(
+        synced > 0 && synced < 12_000,
+        "one slice synced {synced} rows"
+    );
+
+    let (ok, out) = env.cli(&["status", "--tenant", "ngo-a", "--json"]);
+    assert!(ok, "{out}");
+    let rows: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Vec<serde_json::Value>>()
+        .next()
+        .unwrap()
+        .unwrap();
+    let p = &rows[0]["progress"];
+    assert_eq!(p["source_rows"], 12_000, "{p}");
+    assert_eq!(p["remaining_rows"], 12_000 - synced, "{p}");
+    let percent = p["percent"].as_f64().unwrap();
+    let expected = (synced as f64 * 1000.0 / 12_000.0).round() / 10.0;
+    assert!((percent - expected).abs() < 0.11, "{percent} vs {expected}");
+    assert!(p["rows_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    let eta = p["eta_seconds"].as_f64().unwrap();
+    assert!(eta > 0.0 && eta < 3600.0, "{p}");
+    assert_eq!(p["estimated"], false);
+    let (ok, out) = env.cli(&["tenant", "show", "ngo-a"]);
+    assert!(ok && out.contains(&format!("{percent:.1}%")), "{out}");
+    env.cleanup().await.unwrap();
+}

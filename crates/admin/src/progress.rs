@@ -19,7 +19,8 @@ pub const RATE_WINDOW_S: f64 = 300.0;
 pub struct Progress {
     /// Rows of this tenant in the source table (at most [`COUNT_CAP`]).
     pub source_rows: i64,
-    /// Of those, rows at or past what is confirmed in BigQuery.
+    /// Of those, rows still to send: at or past what is confirmed in BigQuery, and during a
+    /// backfill at most those never sent.
     pub remaining_rows: i64,
     pub percent: f64,
     /// True when a count hit the cap: percent and ETA are lower bounds.
@@ -76,11 +77,17 @@ pub async fn status(
         .map(|row| {
             let key = (row.tenant_id, row.table_id);
             let (enabled, rate) = rates.get(&key).copied().unwrap_or((true, None));
-            let progress = counts.get(&key).map(|&(total, remaining)| {
+            let progress = counts.get(&key).map(|&(total, since)| {
+                // Rows at or after the confirmed point over-count while a backfill is under
+                // way when many rows share one cursor value (a bulk load): bound it by the
+                // rows not sent even once. Once every row was sent, updates make rows_synced
+                // exceed the total and only the cursor count means anything.
                 let remaining = if row.caught_up {
                     0
+                } else if row.rows_synced < total {
+                    since.min(total - row.rows_synced)
                 } else {
-                    remaining.min(total)
+                    since.min(total)
                 };
                 let percent = if total == 0 {
                     100.0
