@@ -243,11 +243,35 @@ impl TestEnv {
     }
 
     /// Sync until everything committed so far is in BigQuery; fails if any task failed.
+    /// `run --once` in this process. Bounded by [`SYNC_ONCE_LIMIT`]: a run that does not finish
+    /// fails the test with each task's state and last error, instead of hanging the suite.
     pub async fn sync_once(&self, worker: &Arc<Worker>) -> Result<tenantsync_worker::RunSummary> {
-        let s =
-            tenantsync_worker::run(worker.clone(), RunMode::Once, CancellationToken::new()).await?;
+        let shutdown = CancellationToken::new();
+        let run = tenantsync_worker::run(worker.clone(), RunMode::Once, shutdown.clone());
+        let s = match tokio::time::timeout(SYNC_ONCE_LIMIT, run).await {
+            Ok(s) => s?,
+            Err(_) => {
+                shutdown.cancel();
+                anyhow::bail!(
+                    "run --once did not finish within {SYNC_ONCE_LIMIT:?}; tasks:\n{}",
+                    self.task_states().await?.join("\n")
+                );
+            }
+        };
         anyhow::ensure!(s.failed.is_empty(), "tasks failed: {:?}", s.failed);
         Ok(s)
+    }
+
+    /// One line per task: ids, progress, schedule and last error (for failure messages).
+    pub async fn task_states(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT concat_ws(' ', s.tenant_id, s.table_id, 'synced', s.synced_through,
+                              'failures', s.consecutive_failures, 'next', s.next_run_at,
+                              'err', s.last_error)
+             FROM sync_state s ORDER BY 1",
+        )
+        .fetch_all(self.control.pool())
+        .await?)
     }
 
     pub async fn task(&self, tenant: &Tenant, table: &TableSpec) -> TaskId {
@@ -371,6 +395,35 @@ impl TestEnv {
         }
     }
 
+    /// The address a spawned process logged it serves `/metrics` on (it binds port 0).
+    pub async fn metrics_addr(&self, p: &Proc) -> String {
+        let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", self.id, p.name));
+        let t0 = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("serving /metrics")) {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                return v["fields"]["addr"].as_str().unwrap().to_string();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{} never served metrics:\n{text}",
+                p.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The JSON log lines a spawned process wrote so far.
+    pub fn json_logs(&self, p: &Proc) -> Vec<serde_json::Value> {
+        let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", self.id, p.name));
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Wait until every schedulable task is confirmed up to `t`, or fail after `timeout`.
     pub async fn wait_synced_through(
         &self,
@@ -412,6 +465,10 @@ impl TestEnv {
             .map(|h| h.split(':').next().unwrap_or_default().to_string())
     }
 }
+
+/// The longest a test lets `run --once` take. The slowest test needs about 30 s; the margin
+/// covers a loaded machine.
+pub const SYNC_ONCE_LIMIT: Duration = Duration::from_secs(240);
 
 impl TestEnv {
     /// Base URL of the emulator this test uses (what `BIGQUERY_EMULATOR_HOST` names, as a URL):

@@ -15,6 +15,14 @@ fn err(status: u16, reason: &str) -> Response {
     )
 }
 
+/// A well-mixed 64-bit hash (SplitMix64's finalizer): deterministic, not periodic.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_valid_row_lands_once_through_twenty_percent_faults() {
     let env = TestEnv::new().await.unwrap();
@@ -40,16 +48,31 @@ async fn every_valid_row_lands_once_through_twenty_percent_faults() {
     }
 
     let upstream = env.emulator_url();
+    // The client gives up after TIMEOUT; a slow answer comes well after that. TIMEOUT leaves a
+    // loaded emulator room: a clean call that times out too is a fault the test did not mean.
+    const TIMEOUT: Duration = Duration::from_secs(4);
     let counts: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
     let calls = Arc::new(AtomicUsize::new(0));
+    let faults = Arc::new(AtomicUsize::new(0));
+    let since_fault = Arc::new(AtomicUsize::new(0));
     let c = counts.clone();
     let http = reqwest::Client::new();
     let (addr, _proxy) = serve(Arc::new(move |req: Request| {
         let (c, http, upstream) = (c.clone(), http.clone(), upstream.clone());
         let n = calls.fetch_add(1, Ordering::Relaxed);
+        // About one call in five fails, chosen by a hash of the call's number, and the faults
+        // cycle through the seven kinds. Not every fifth call: a retry loop that makes five
+        // calls per attempt would then meet a fault at the same step every time and never get
+        // through, which says nothing about real faults. A run of ten clean calls forces one,
+        // so every kind shows up even in a short run.
+        let quiet = since_fault.fetch_add(1, Ordering::Relaxed);
+        let fault = if splitmix64(n as u64) % 5 == 0 || quiet >= 10 {
+            since_fault.store(0, Ordering::Relaxed);
+            faults.fetch_add(1, Ordering::Relaxed) % 7 + 1
+        } else {
+            0
+        };
         Box::pin(async move {
-            // Every fifth call fails (20%), cycling through the seven kinds of fault.
-            let fault = if n % 5 == 4 { (n / 5) % 7 + 1 } else { 0 };
             c[fault].fetch_add(1, Ordering::Relaxed);
             match fault {
                 1 => err(429, "rateLimitExceeded"),
@@ -59,7 +82,7 @@ async fn every_valid_row_lands_once_through_twenty_percent_faults() {
                 5 => {
                     // Slow: the write happens, the answer comes after the client gave up.
                     let r = forward(&http, &upstream, &req).await;
-                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
                     r
                 }
                 6 => Response::drop_connection(),
@@ -76,7 +99,7 @@ async fn every_valid_row_lands_once_through_twenty_percent_faults() {
 
     let mut cfg = env.worker_config();
     cfg.endpoint = Endpoint::emulator(&format!("http://{addr}"));
-    cfg.request_timeout = Duration::from_millis(1500);
+    cfg.request_timeout = TIMEOUT;
     cfg.chunk_limits.max_rows = 20;
     cfg.max_attempts = 30;
     cfg.max_backoff = Duration::from_millis(500);

@@ -94,7 +94,7 @@ async fn drain_task(
             Err(e) if e.is_retriable() && failures < w.cfg.max_attempts => {
                 failures += 1;
                 warn!(task = %task, error = %e, "slice failed; retrying");
-                tokio::time::sleep(crate::slice::task_backoff(failures as i32)).await;
+                tokio::time::sleep(once_backoff(w, failures)).await;
                 continue;
             }
             Err(e) => return Err(e.to_string()),
@@ -121,11 +121,19 @@ async fn drain_task(
                 if failures >= w.cfg.max_attempts {
                     return Err(error);
                 }
-                tokio::time::sleep(crate::slice::task_backoff(failures as i32)).await;
+                warn!(task = %task, %error, failures, "slice failed; retrying");
+                tokio::time::sleep(once_backoff(w, failures)).await;
             }
         }
     }
     Ok(Drained { rows, slices })
+}
+
+/// The wait before retrying a failed slice in `--once` mode: the scheduler's task backoff,
+/// capped by `max_backoff`. Uncapped, `max_attempts` failures add up to hours (the task backoff
+/// grows to minutes), and a run meant to finish looks hung.
+fn once_backoff(w: &Worker, failures: u32) -> Duration {
+    crate::slice::task_backoff(failures as i32).min(w.cfg.max_backoff)
 }
 
 /// Pull tasks from the Redis shards and run them, at most `concurrency` at once, until
