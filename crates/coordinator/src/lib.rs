@@ -188,8 +188,9 @@ pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken
     let refresher = {
         let (deps, stop, shards) = (deps.clone(), shutdown.clone(), cfg.shards);
         tokio::spawn(async move {
+            let mut refresher = metrics::Refresher::default();
             while !stop.is_cancelled() {
-                if let Err(e) = metrics::refresh(&deps, shards).await {
+                if let Err(e) = refresher.refresh(&deps, shards).await {
                     debug!(error = %e, "metrics refresh failed");
                 }
                 tokio::select! {

@@ -40,6 +40,7 @@ pub struct SlicePlan {
     first_sql: String,
     next_sql: String,
     changed_sql: String,
+    backlog_sql: String,
 }
 
 impl SlicePlan {
@@ -149,6 +150,26 @@ impl SlicePlan {
             schema = quote_pg(&spec.source_schema),
             table = quote_pg(&spec.source_table),
         );
+        // Rows at or after each tenant's confirmed point, for the backlog gauge: one query per
+        // table for all lagging tenants, each count capped at $3 so a huge backfill costs a
+        // bounded index scan. The tenant comparison is typed, so the (tenant, cursor) index
+        // serves it.
+        let since_w = if cursor_is_tz {
+            "w.since".to_string()
+        } else {
+            "(w.since AT TIME ZONE 'UTC')".to_string()
+        };
+        let backlog_sql = format!(
+            "SELECT w.tenant, (SELECT count(*) FROM (
+                 SELECT 1 FROM {schema}.{table} t
+                 WHERE {tn} = w.tenant::{tn_type} AND (w.since IS NULL OR {cur} >= {since_w})
+                 LIMIT $3) x) AS n
+             FROM unnest($1::text[], $2::timestamptz[]) AS w(tenant, since)",
+            tn = q(tenant),
+            tn_type = tenant.sql_type,
+            schema = quote_pg(&spec.source_schema),
+            table = quote_pg(&spec.source_table),
+        );
         let schema_hash = {
             let mut h = blake3::Hasher::new();
             h.update(
@@ -162,6 +183,7 @@ impl SlicePlan {
         Ok(Self {
             schema_hash,
             changed_sql,
+            backlog_sql,
             table: spec.bq_table(),
             fields,
             key_columns: spec.key_columns.clone(),
@@ -249,6 +271,28 @@ impl SourceReader {
             .bind(horizon)
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    /// Per tenant (organization id as text): source rows whose cursor is at or after `since`
+    /// (all rows when `None`), counting at most `cap`. An estimate of what is not yet in
+    /// BigQuery: rows confirmed but updated again since count too.
+    pub async fn backlog(
+        &self,
+        plan: &SlicePlan,
+        tenants: &[(String, Option<DateTime<Utc>>)],
+        cap: i64,
+    ) -> Result<Vec<(String, i64)>> {
+        let (ids, since): (Vec<String>, Vec<Option<DateTime<Utc>>>) =
+            tenants.iter().cloned().unzip();
+        let rows = sqlx::query(&plan.backlog_sql)
+            .bind(ids)
+            .bind(since)
+            .bind(cap)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// Up to `limit` rows of one tenant after `watermark` and below `horizon`, in keyset order.

@@ -46,6 +46,9 @@ pub struct NewTableSpec {
 /// One line of `tenantsync status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusRow {
+    pub tenant_id: i64,
+    pub table_id: i64,
+    pub organization_id: String,
     pub tenant: String,
     pub tenant_status: String,
     pub table: String,
@@ -53,6 +56,8 @@ pub struct StatusRow {
     pub watermark: Option<String>,
     pub synced_through: Option<DateTime<Utc>>,
     pub lag_seconds: Option<f64>,
+    /// Change detection saw nothing for this task past what is confirmed: nothing to send.
+    pub caught_up: bool,
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub consecutive_failures: i32,
@@ -342,10 +347,14 @@ impl ControlPlane {
     /// last error.
     pub async fn status(&self) -> Result<Vec<StatusRow>> {
         let rows = sqlx::query(
-            "SELECT tn.slug, tn.status, ts.source_table, ts.source_schema, s.rows_synced,
+            "SELECT s.tenant_id, s.table_id, tn.organization_id, tn.slug, tn.status, ts.source_table, ts.source_schema, s.rows_synced,
                     s.watermark_cursor, s.watermark_key,
                     effective_synced_through(s, cs) AS synced_through,
                     extract(epoch FROM now() - effective_synced_through(s, cs))::float8 AS lag_seconds,
+                    coalesce(cs.scanned_through IS NOT NULL
+                             AND s.synced_through >= cs.scanned_from
+                             AND s.synced_through >= coalesce(s.changed_until, '-infinity'),
+                             false) AS caught_up,
                     s.last_success_at, s.last_error, s.consecutive_failures
              FROM sync_state s
              JOIN tenants tn ON tn.id = s.tenant_id
@@ -362,6 +371,9 @@ impl ControlPlane {
                 let schema: String = r.try_get("source_schema")?;
                 let table: String = r.try_get("source_table")?;
                 Ok(StatusRow {
+                    tenant_id: r.try_get("tenant_id")?,
+                    table_id: r.try_get("table_id")?,
+                    organization_id: r.try_get("organization_id")?,
                     tenant: r.try_get("slug")?,
                     tenant_status: r.try_get("status")?,
                     table: if schema == "public" {
@@ -374,6 +386,7 @@ impl ControlPlane {
                         .map(|c| format!("{c} / {}", key.unwrap_or_default().join(","))),
                     synced_through: r.try_get("synced_through")?,
                     lag_seconds: r.try_get("lag_seconds")?,
+                    caught_up: r.try_get("caught_up")?,
                     last_success_at: r.try_get("last_success_at")?,
                     last_error: r.try_get("last_error")?,
                     consecutive_failures: r.try_get("consecutive_failures")?,
