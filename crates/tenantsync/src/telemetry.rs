@@ -21,7 +21,13 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().with_current_span(false).init();
+        // The current span holds a slice's task, tenant, table and run: collectors filter on
+        // them. The span list would repeat the same fields.
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }

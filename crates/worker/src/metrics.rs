@@ -77,6 +77,15 @@ pub fn describe() {
     counter!(LEASE_EXPIRED).absolute(0);
 }
 
+/// Create a task's per-tenant series at 0 when this process first works on it, so dashboards
+/// and alerts see 0 (not "no data") until the first row, wait or dead letter.
+pub(crate) fn task_seen(tenant: &str, table: &str) {
+    counter!(SYNC_ROWS, "tenant" => tenant.to_string(), "table" => table.to_string()).increment(0);
+    counter!(DEAD_LETTERED, "tenant" => tenant.to_string(), "table" => table.to_string())
+        .increment(0);
+    gauge!(RATELIMIT_WAIT, "tenant" => tenant.to_string()).increment(0.0);
+}
+
 pub(crate) fn rows(tenant: &str, table: &str, n: u64) {
     counter!(SYNC_ROWS, "tenant" => tenant.to_string(), "table" => table.to_string()).increment(n);
 }

@@ -15,7 +15,7 @@ use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::{Claim, Commit, Progress, RunRecord, TaskId, Watermark};
 use tenantsync_store::{SlicePlan, SourceRow};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Points where a test can make the worker "crash": stop dead, commit nothing, release nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +245,19 @@ impl Worker {
         crate::metrics::lease_acquired();
         let lost = CancellationToken::new();
         let renewer = spawn_renewer(self, lease.clone(), lost.clone());
-        let result = self.with_lease(task, &lost, shutdown).await;
+        // Every log line of the slice carries the task, and once known its tenant, table and
+        // run (the fencing token, also the `_batch_id` suffix and the run log's key).
+        let span = tracing::info_span!(
+            "slice",
+            task = %task,
+            tenant = tracing::field::Empty,
+            table = tracing::field::Empty,
+            run = tracing::field::Empty,
+        );
+        let result = self
+            .with_lease(task, &lost, shutdown)
+            .instrument(span)
+            .await;
         lost.cancel();
         renewer.abort();
         if !matches!(
@@ -280,7 +292,12 @@ impl Worker {
                 synced_through: None,
             });
         }
+        crate::metrics::task_seen(&tenant.slug, &spec.source_table);
+        let span = tracing::Span::current();
+        span.record("tenant", tenant.slug.as_str());
+        span.record("table", spec.source_table.as_str());
         let claim = self.deps.control.claim(task).await?;
+        span.record("run", claim.fencing_token);
         let run = self.run_slice(&tenant, &spec, &claim, lost, shutdown).await;
         let (rows, outcome, error, progress) = match run {
             Ok(SliceRun::Crashed) => {
@@ -362,6 +379,14 @@ impl Worker {
                 more: progress.next_run_in.is_zero(),
             },
         };
+        // One line per slice is too many at info with thousands of tasks; the span fields say
+        // which task, tenant, table and run it was.
+        debug!(
+            rows,
+            outcome = outcome_str,
+            ms = t0.elapsed().as_millis() as u64,
+            "slice finished"
+        );
         Ok(SliceReport {
             task,
             outcome,
