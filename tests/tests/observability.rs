@@ -2,26 +2,7 @@
 
 use chrono::Utc;
 use std::time::{Duration, Instant};
-use tenantsync_tests::{Proc, TestEnv};
-
-/// The address a process logged it serves metrics on.
-async fn metrics_addr(env: &TestEnv, p: &Proc) -> String {
-    let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", env.id, p.name));
-    let t0 = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("serving /metrics")) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            return v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{} never served metrics:\n{text}",
-            p.name
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use tenantsync_tests::TestEnv;
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
     let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
@@ -46,8 +27,12 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
     env.add_tenant("org-1", 1).await.unwrap();
     env.add_tenant("org-2", 2).await.unwrap();
 
-    let run = env.spawn("run", &["run"], &[]);
-    let addr = metrics_addr(&env, &run).await;
+    let run = env.spawn(
+        "run",
+        &["run"],
+        &[("TENANTSYNC_LOG", "info,tenantsync_worker=debug")],
+    );
+    let addr = env.metrics_addr(&run).await;
     env.wait_synced_through(Utc::now(), Duration::from_secs(60))
         .await
         .unwrap();
@@ -98,6 +83,21 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
     )
     .expect("lag gauge");
     assert!(lag < 10.0, "lag right after catching up: {lag}");
+
+    // Logs are JSON (stderr is a file here), and a slice's lines carry its task, tenant,
+    // table and run.
+    let logs = env.json_logs(&run);
+    let slice = logs
+        .iter()
+        .find(|l| l["fields"]["message"] == "slice finished" && l["span"]["tenant"] == "org-1")
+        .unwrap_or_else(|| panic!("no slice line of org-1 in {} JSON lines", logs.len()));
+    assert_eq!(slice["span"]["table"], "contacts", "{slice}");
+    assert!(slice["span"]["task"].is_string(), "{slice}");
+    assert!(
+        slice["span"]["run"].as_i64().is_some_and(|r| r >= 1),
+        "{slice}"
+    );
+    assert!(slice["fields"]["rows"].is_u64(), "{slice}");
     drop(run);
 
     // No worker at all, only a coordinator: new rows wait, and the lag it reports keeps rising.
@@ -106,7 +106,7 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
         .await
         .unwrap();
     let coord = env.spawn("coord", &["coordinator"], &[]);
-    let addr = metrics_addr(&env, &coord).await;
+    let addr = env.metrics_addr(&coord).await;
     let series = "tenantsync_sync_lag_seconds{tenant=\"org-2\",table=\"contacts\"}";
     let t0 = Instant::now();
     let first = loop {
@@ -120,10 +120,27 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
         );
     };
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let later = sample(&get(&addr, "/metrics").await.1, series).unwrap();
+    let text = get(&addr, "/metrics").await.1;
+    let later = sample(&text, series).unwrap();
     assert!(
         later >= first + 4.0,
         "lag did not rise without workers: {first} then {later}"
+    );
+    // The backlog counts the 20 updated rows waiting; the caught-up tenant has none.
+    assert_eq!(
+        sample(
+            &text,
+            "tenantsync_sync_backlog_rows{tenant=\"org-2\",table=\"contacts\"}"
+        ),
+        Some(20.0),
+        "backlog:\n{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tenantsync_sync_backlog_rows{tenant=\"org-1\",table=\"contacts\"}"
+        ),
+        Some(0.0)
     );
     // The killed worker left no goodbye: it drops out when its heartbeat is 10 s old.
     let t0 = Instant::now();
