@@ -3,6 +3,7 @@
 use crate::control::tasks::Watermark;
 use crate::error::{Result, StoreError};
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use sqlx::{PgPool, Row};
 use std::time::Duration;
 use tenantsync_core::ident::{quote_pg, sql_ident};
@@ -39,6 +40,10 @@ pub struct SlicePlan {
     pub schema_hash: String,
     first_sql: String,
     next_sql: String,
+    /// Rows of one tenant in a key range, in key order (resync and repair).
+    range_sql: String,
+    /// Every key of one tenant with its cursor in microseconds (verify).
+    verify_sql: String,
     changed_sql: String,
     backlog_sql: String,
 }
@@ -137,6 +142,34 @@ impl SlicePlan {
             order.join(", "),
             wm_params.join(", ")
         );
+        // Key ranges for resync: $4 is the lower bound's mode (NULL: none, true: inclusive,
+        // false: exclusive), $5 whether there is an upper bound (NULL: none), then the lower and
+        // the upper key, each bound as text and cast like the watermark.
+        let key_order: Vec<String> = keys.iter().map(|k| q(k)).collect();
+        let key_params = |start: usize| -> String {
+            keys.iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text::{}", start + i, c.sql_type))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ko = key_order.join(", ");
+        let lower = key_params(6);
+        let upper = key_params(6 + keys.len());
+        let range_sql = format!(
+            "{base} AND ($4::bool IS NULL OR ({ko}) > ({lower}) OR ($4::bool AND ({ko}) = ({lower})))
+                    AND ($5::bool IS NULL OR ({ko}) <= ({upper}))
+             ORDER BY {ko} LIMIT $3"
+        );
+        let verify_sql = format!(
+            "SELECT ARRAY[{key_text}] AS k, (extract(epoch FROM {cur_tz}) * 1000000)::bigint AS ts
+             FROM {schema}.{table} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
+            key_text = key_text.join(", "),
+            tn = q(tenant),
+            tn_type = tenant.sql_type,
+            schema = quote_pg(&spec.source_schema),
+            table = quote_pg(&spec.source_table),
+        );
         // Which tenants have rows in [$1, horizon $2): one query per table per coordinator tick,
         // however many tenants are idle.
         let since = if cursor_is_tz {
@@ -189,6 +222,8 @@ impl SlicePlan {
             key_columns: spec.key_columns.clone(),
             first_sql,
             next_sql,
+            range_sql,
+            verify_sql,
         })
     }
 }
@@ -304,9 +339,25 @@ impl SourceReader {
         horizon: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<SourceRow>> {
-        let query = match &watermark.cursor {
+        self.read_slice_map(plan, organization_id, watermark, horizon, limit, |r| r)
+            .await
+    }
+
+    /// [`Self::read_slice`], passing each row through `f` as it arrives. The worker turns a row
+    /// into its insertAll payload there, so a slice never holds every row's JSON twice (and
+    /// never every raw row next to every converted one, as `fetch_all` would).
+    pub async fn read_slice_map<T>(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+        watermark: &Watermark,
+        horizon: DateTime<Utc>,
+        limit: i64,
+        mut f: impl FnMut(SourceRow) -> T,
+    ) -> Result<Vec<T>> {
+        let mut query = match &watermark.cursor {
             None => sqlx::query(&plan.first_sql),
-            Some(c) => {
+            Some(_) => {
                 if watermark.key.len() != plan.key_columns.len() {
                     return Err(StoreError::Invalid(format!(
                         "watermark key has {} parts but table {} has {} key columns; resync the table",
@@ -315,35 +366,27 @@ impl SourceReader {
                         plan.key_columns.len()
                     )));
                 }
-                let mut q = sqlx::query(&plan.next_sql);
-                q = q.bind(organization_id).bind(horizon).bind(limit).bind(c);
-                for k in &watermark.key {
-                    q = q.bind(k);
-                }
-                return collect(q.fetch_all(&self.pool).await?);
+                sqlx::query(&plan.next_sql)
             }
         };
-        collect(
-            query
-                .bind(organization_id)
-                .bind(horizon)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-}
-
-fn collect(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<SourceRow>> {
-    rows.into_iter()
-        .map(|r| {
-            Ok(SourceRow {
+        query = query.bind(organization_id).bind(horizon).bind(limit);
+        if let Some(c) = &watermark.cursor {
+            query = query.bind(c);
+            for k in &watermark.key {
+                query = query.bind(k);
+            }
+        }
+        let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
+        let mut rows = query.fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            out.push(f(SourceRow {
                 key: r.try_get("k")?,
                 cursor: r.try_get("c")?,
                 cursor_ts: r.try_get("cts")?,
                 tenant: r.try_get("tn")?,
                 json: r.try_get("j")?,
-            })
-        })
-        .collect()
+            }));
+        }
+        Ok(out)
+    }
 }

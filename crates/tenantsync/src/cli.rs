@@ -65,8 +65,45 @@ pub enum Command {
     /// Rows BigQuery refused: list them, send them again, or discard them.
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Compare Postgres with BigQuery (`<table>_latest`) per tenant and table, by count and by
+    /// key ranges of 1,000 keys; print the ranges that drifted. Exit code 1 when any did.
+    Verify(VerifyArgs),
+    /// Send a tenant's rows of one table again (all, or a key range), as new versions.
+    Resync(ResyncArgs),
     /// The demo: demo schema, three organizations with their own datasets, traffic, sync.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Only this tenant (slug).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only this source table.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Resend the drifted ranges and delete keys BigQuery has but Postgres does not, then
+    /// verify again.
+    #[arg(long)]
+    pub repair: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResyncArgs {
+    /// Tenant (slug).
+    #[arg(long)]
+    pub tenant: String,
+    /// Source table.
+    #[arg(long)]
+    pub table: String,
+    /// First key to send (inclusive); composite keys as comma-separated parts.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Last key to send (inclusive).
+    #[arg(long)]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

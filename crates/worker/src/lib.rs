@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod onboard;
 mod run;
 mod slice;
+pub mod verify;
 
 pub use error::WorkerError;
 pub use run::{run, RunMode, RunSummary};

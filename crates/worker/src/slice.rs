@@ -101,7 +101,7 @@ impl Worker {
     /// The tenant's client. The sealed key is read on every slice (one small query) and its
     /// nonce compared with the cached client's, so a rotated key is used from the next slice
     /// on, in every worker.
-    async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
+    pub(crate) async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
         let sealed = self.deps.control.credentials(tenant.id).await?;
         let version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
         let mut clients = self.caches.clients.lock().await;
@@ -143,7 +143,7 @@ impl Worker {
 
     /// The slice plan of a table and its generation. The catalog is read on every slice (one
     /// cheap query) so a column added in Postgres reaches BigQuery on the next slice.
-    async fn plan(&self, spec: &TableSpec) -> Result<Arc<SlicePlan>, WorkerError> {
+    pub(crate) async fn plan(&self, spec: &TableSpec) -> Result<Arc<SlicePlan>, WorkerError> {
         let columns = self
             .deps
             .source
@@ -202,7 +202,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn force_schema(
+    pub(crate) async fn force_schema(
         &self,
         client: &BigQuery,
         spec: &TableSpec,
@@ -425,17 +425,27 @@ impl Worker {
 
         let horizon = self.deps.source.horizon(self.cfg.cursor_skew).await?;
         let limit = i64::from(spec.slice_rows);
-        let rows = self
+        let batch_id = format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token);
+        let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        // Each row becomes its payload as it arrives and its JSON is dropped: holding both for
+        // a whole slice doubled a worker's memory (concurrency × slice rows × row size).
+        let read: Vec<(SourceRow, String)> = self
             .deps
             .source
-            .read_slice(
+            .read_slice_map(
                 &plan,
                 &tenant.organization_id,
                 &claim.watermark,
                 horizon,
                 limit,
+                |mut r| {
+                    let p = payload(tenant.id, &plan.table, &r, &batch_id, &synced_at);
+                    r.json = String::new();
+                    (r, p)
+                },
             )
             .await?;
+        let (rows, payloads): (Vec<SourceRow>, Vec<String>) = read.into_iter().unzip();
 
         // Second line of tenant isolation: the SQL filtered by tenant; every row is checked again
         // before anything is sent, and one stray row stops the whole slice.
@@ -449,12 +459,6 @@ impl Worker {
             )));
         }
 
-        let batch_id = format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token);
-        let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-        let payloads: Vec<String> = rows
-            .iter()
-            .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at))
-            .collect();
         let sizes: Vec<usize> = payloads.iter().map(String::len).collect();
         let cx = SendCtx {
             client: &client,
@@ -567,7 +571,11 @@ impl Worker {
     /// classification says can be retried. Rows BigQuery refuses go to the dead-letter table
     /// and the rest is sent again; a request refused as a whole is bisected down to the row
     /// that causes it. Returns how many rows were dead-lettered.
-    async fn send_chunk(&self, cx: &SendCtx<'_>, items: &[usize]) -> Result<usize, BqError> {
+    pub(crate) async fn send_chunk(
+        &self,
+        cx: &SendCtx<'_>,
+        items: &[usize],
+    ) -> Result<usize, BqError> {
         let mut attempt = 0u32;
         loop {
             self.wait_for_budget(cx.tenant, items.len(), cx.lost, cx.shutdown)
@@ -663,7 +671,7 @@ impl Worker {
     /// Run an idempotent BigQuery call (dataset, table, view), retrying what the error
     /// classification says a wait can fix, like insertAll. Without this a single 503 on a
     /// table create failed the slice and sent the task into its backoff.
-    async fn retry_bq<T, Fut>(
+    pub(crate) async fn retry_bq<T, Fut>(
         &self,
         what: &'static str,
         tenant: &Tenant,
@@ -783,16 +791,16 @@ impl Worker {
 }
 
 /// Everything one slice's sends share.
-struct SendCtx<'a> {
-    client: &'a BigQuery,
-    tenant: &'a Tenant,
-    spec: &'a TableSpec,
-    plan: &'a SlicePlan,
-    task: TaskId,
-    rows: &'a [SourceRow],
-    payloads: &'a [String],
-    lost: &'a CancellationToken,
-    shutdown: &'a CancellationToken,
+pub(crate) struct SendCtx<'a> {
+    pub(crate) client: &'a BigQuery,
+    pub(crate) tenant: &'a Tenant,
+    pub(crate) spec: &'a TableSpec,
+    pub(crate) plan: &'a SlicePlan,
+    pub(crate) task: TaskId,
+    pub(crate) rows: &'a [SourceRow],
+    pub(crate) payloads: &'a [String],
+    pub(crate) lost: &'a CancellationToken,
+    pub(crate) shutdown: &'a CancellationToken,
 }
 
 enum SliceRun {
@@ -802,7 +810,13 @@ enum SliceRun {
 
 /// `{"insertId":…,"json":{<row>,"_synced_at":…,"_batch_id":…,"_version_id":…}}`, spliced
 /// from the JSON Postgres rendered, without parsing it.
-fn payload(tenant_id: i64, table: &str, r: &SourceRow, batch_id: &str, synced_at: &str) -> String {
+pub(crate) fn payload(
+    tenant_id: i64,
+    table: &str,
+    r: &SourceRow,
+    batch_id: &str,
+    synced_at: &str,
+) -> String {
     let id = insert_id(tenant_id, table, &r.key, &r.cursor, &r.json);
     let body = r.json.trim_end();
     let body = body.strip_suffix('}').unwrap_or(body);

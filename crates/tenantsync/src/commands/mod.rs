@@ -3,6 +3,7 @@
 
 mod admin;
 mod demo;
+mod verify;
 
 use crate::cli::{Cli, Command, ListArgs, RunArgs, TablesCmd, TenantCmd};
 use crate::config;
@@ -212,6 +213,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::AdminApi => return admin::serve_api().await,
         Command::Demo(d) => return demo::run(d).await,
         Command::Dlq(cmd) => return dlq(cmd).await,
+        Command::Verify(v) => return verify::verify(v).await,
+        Command::Resync(r) => return verify::resync(r).await,
     }
     Ok(ExitCode::SUCCESS)
 }
