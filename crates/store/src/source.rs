@@ -390,3 +390,74 @@ impl SourceReader {
         Ok(out)
     }
 }
+
+impl SourceReader {
+    /// Every key of one tenant, in key order, with its cursor as microseconds since the epoch
+    /// (what `_source_ts` holds in BigQuery). Held in memory: verify is an operator's command.
+    pub async fn tenant_keys(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+    ) -> Result<Vec<(Vec<String>, i64)>> {
+        let mut out = Vec::new();
+        let mut rows = sqlx::query(&plan.verify_sql)
+            .bind(organization_id)
+            .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            out.push((r.try_get("k")?, r.try_get("ts")?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` rows of one tenant below `horizon` with keys after `from` (inclusive or
+    /// not; `None`: from the first) up to `to` inclusive (`None`: to the last), in key order.
+    pub async fn read_range(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+        horizon: DateTime<Utc>,
+        from: Option<(&[String], bool)>,
+        to: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Vec<SourceRow>> {
+        let n = plan.key_columns.len();
+        for k in from.map(|f| f.0).into_iter().chain(to) {
+            if k.len() != n {
+                return Err(StoreError::Invalid(format!(
+                    "a key of {} has {n} part(s) ({}); got {}",
+                    plan.table,
+                    plan.key_columns.join(", "),
+                    k.len()
+                )));
+            }
+        }
+        let mut q = sqlx::query(&plan.range_sql)
+            .bind(organization_id)
+            .bind(horizon)
+            .bind(limit)
+            .bind(from.map(|f| f.1))
+            .bind(to.map(|_| true));
+        let none = vec![None::<String>; n];
+        let lower: Vec<Option<String>> = from
+            .map(|f| f.0.iter().cloned().map(Some).collect())
+            .unwrap_or_else(|| none.clone());
+        let upper: Vec<Option<String>> = to
+            .map(|t| t.iter().cloned().map(Some).collect())
+            .unwrap_or(none);
+        for v in lower.into_iter().chain(upper) {
+            q = q.bind(v);
+        }
+        let mut out = Vec::new();
+        let mut rows = q.fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            out.push(SourceRow {
+                key: r.try_get("k")?,
+                cursor: r.try_get("c")?,
+                cursor_ts: r.try_get("cts")?,
+                tenant: r.try_get("tn")?,
+                json: r.try_get("j")?,
+            });
+        }
+        Ok(out)
+    }
+}
