@@ -111,6 +111,9 @@ pub struct TableSpec {
     pub enabled: bool,
     pub sync_interval_ms: i32,
     pub slice_rows: i32,
+    /// A column that marks rows deleted (boolean true, or a non-NULL timestamp): such rows
+    /// are sent as deletes. Cursor mode sees no hard delete.
+    pub soft_delete_column: Option<String>,
 }
 
 impl TableSpec {

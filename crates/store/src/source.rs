@@ -97,6 +97,34 @@ impl SlicePlan {
             }
             _ => "'upsert'".to_string(),
         };
+        // A soft-delete column turns marked rows into deletes.
+        let deleted = match &spec.soft_delete_column {
+            None => None,
+            Some(name) => {
+                let c = find("soft-delete", name)?;
+                let col = q(c);
+                Some(match c.base_type.as_str() {
+                    _ if c.is_array => {
+                        return Err(StoreError::Invalid(format!(
+                            "soft-delete column {name:?} is an array ({}); it needs boolean or a timestamp/date",
+                            c.formatted
+                        )))
+                    }
+                    "bool" | "boolean" => format!("coalesce({col}, false)"),
+                    "timestamptz" | "timestamp" | "date" => format!("({col} IS NOT NULL)"),
+                    _ => {
+                        return Err(StoreError::Invalid(format!(
+                            "soft-delete column {name:?} has type {}; it needs boolean (true = deleted) or a timestamp/date (set = deleted)",
+                            c.formatted
+                        )))
+                    }
+                })
+            }
+        };
+        let op = match &deleted {
+            Some(d) => format!("CASE WHEN {d} THEN 'delete' ELSE {op} END"),
+            None => op,
+        };
         let (cur_utc, cur_tz) = if cursor_is_tz {
             (format!("{cur} AT TIME ZONE 'UTC'"), cur.clone())
         } else {
@@ -163,7 +191,9 @@ impl SlicePlan {
         );
         let verify_sql = format!(
             "SELECT ARRAY[{key_text}] AS k, (extract(epoch FROM {cur_tz}) * 1000000)::bigint AS ts
+                    , {del} AS del
              FROM {schema}.{table} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
+            del = deleted.as_deref().unwrap_or("false"),
             key_text = key_text.join(", "),
             tn = q(tenant),
             tn_type = tenant.sql_type,
@@ -393,18 +423,19 @@ impl SourceReader {
 
 impl SourceReader {
     /// Every key of one tenant, in key order, with its cursor as microseconds since the epoch
-    /// (what `_source_ts` holds in BigQuery). Held in memory: verify is an operator's command.
+    /// (what `_source_ts` holds in BigQuery) and whether it is marked deleted. Held in memory:
+    /// verify is an operator's command.
     pub async fn tenant_keys(
         &self,
         plan: &SlicePlan,
         organization_id: &str,
-    ) -> Result<Vec<(Vec<String>, i64)>> {
+    ) -> Result<Vec<(Vec<String>, i64, bool)>> {
         let mut out = Vec::new();
         let mut rows = sqlx::query(&plan.verify_sql)
             .bind(organization_id)
             .fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.push((r.try_get("k")?, r.try_get("ts")?));
+            out.push((r.try_get("k")?, r.try_get("ts")?, r.try_get("del")?));
         }
         Ok(out)
     }

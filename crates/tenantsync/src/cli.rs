@@ -305,6 +305,10 @@ pub struct TablesAdd {
     /// Rows per slice.
     #[arg(long, default_value_t = 20000)]
     pub slice_rows: i32,
+    /// Column that marks a row deleted (boolean, or a timestamp/date that is set): such rows
+    /// are sent as deletes and leave `<table>_latest`.
+    #[arg(long)]
+    pub soft_delete: Option<String>,
 }
 
 #[derive(Debug, Args)]

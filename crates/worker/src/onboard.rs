@@ -159,7 +159,28 @@ pub async fn add_table(
         enabled: true,
         sync_interval_ms: spec.sync_interval_ms,
         slice_rows: spec.slice_rows,
+        soft_delete_column: None,
     };
     SlicePlan::build(&probe, &columns)?;
     Ok(control.add_table(&spec).await?)
+}
+
+/// Map a column that marks rows deleted (`deleted_at`, `is_deleted`) to deletes, after
+/// checking it exists and has a usable type; `None` turns the mapping off.
+pub async fn set_soft_delete(
+    control: &ControlPlane,
+    source: &SourceReader,
+    mut spec: TableSpec,
+    column: Option<&str>,
+) -> Result<TableSpec, WorkerError> {
+    if let Some(c) = column {
+        ident::sql_ident("soft-delete column", c).map_err(invalid)?;
+    }
+    spec.soft_delete_column = column.map(str::to_string);
+    let columns = source
+        .columns(&spec.source_schema, &spec.source_table)
+        .await?;
+    SlicePlan::build(&spec, &columns)?;
+    control.set_soft_delete_column(spec.id, column).await?;
+    Ok(spec)
 }

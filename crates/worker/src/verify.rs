@@ -109,7 +109,7 @@ impl Worker {
             tenant: tenant.slug.clone(),
             table: spec.source_table.clone(),
             checked_before,
-            source_rows: source.len(),
+            source_rows: source.iter().filter(|r| !r.2).count(),
             bigquery_rows: bq.len(),
             compared: 0,
             ranges: Vec::new(),
@@ -119,13 +119,16 @@ impl Worker {
         let before = checked_before.map_or(i64::MIN, |t| t.timestamp_micros());
         for block in source.chunks(RANGE_KEYS) {
             let (mut missing, mut stale) = (0, 0);
-            for (key, ts) in block {
+            for (key, ts, deleted) in block {
                 let in_bq = bq.remove(key);
                 if *ts >= before {
                     continue; // not confirmed yet: on its way
                 }
                 v.compared += 1;
                 match in_bq {
+                    // A row marked deleted must be gone from `_latest`.
+                    Some(_) if *deleted => stale += 1,
+                    None if *deleted => {}
                     None => missing += 1,
                     Some(b) if b != *ts => stale += 1,
                     Some(_) => {}

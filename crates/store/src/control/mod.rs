@@ -96,6 +96,7 @@ fn spec_from_row(r: &sqlx::postgres::PgRow) -> Result<TableSpec> {
         enabled: r.try_get("enabled")?,
         sync_interval_ms: r.try_get("sync_interval_ms")?,
         slice_rows: r.try_get("slice_rows")?,
+        soft_delete_column: r.try_get("soft_delete_column")?,
     })
 }
 
@@ -324,6 +325,16 @@ impl ControlPlane {
         .await?;
         tx.commit().await?;
         Ok(spec)
+    }
+
+    /// Name (or clear) the column that marks a table's rows deleted.
+    pub async fn set_soft_delete_column(&self, table_id: i64, column: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE table_specs SET soft_delete_column = $2 WHERE id = $1")
+            .bind(table_id)
+            .bind(column)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn tables(&self) -> Result<Vec<TableSpec>> {

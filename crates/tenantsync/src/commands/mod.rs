@@ -155,12 +155,17 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 },
             )
             .await?;
+            let spec = match a.soft_delete.as_deref() {
+                Some(col) => onboard::set_soft_delete(&control, &source, spec, Some(col)).await?,
+                None => spec,
+            };
             control
                 .audit(
                     &cli_actor(),
                     "table.add",
                     Some(&format!("{}.{}", spec.source_schema, spec.source_table)),
-                    serde_json::json!({"mode": spec.mode.to_string(), "tenant_column": spec.tenant_column}),
+                    serde_json::json!({"mode": spec.mode.to_string(), "tenant_column": spec.tenant_column,
+                                       "soft_delete_column": spec.soft_delete_column}),
                 )
                 .await?;
             println!(
