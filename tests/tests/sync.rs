@@ -325,8 +325,13 @@ async fn the_per_row_tenant_check_stops_a_row_the_sql_filter_let_through() {
         .await
         .unwrap();
     match r.outcome {
-        SliceOutcome::Failed { rows: 0, error } => {
-            assert!(error.contains("tenant isolation check failed"), "{error}")
+        SliceOutcome::Failed {
+            rows: 0,
+            error,
+            permanent,
+        } => {
+            assert!(error.contains("tenant isolation check failed"), "{error}");
+            assert!(permanent, "an isolation breach is not retried away");
         }
         other => panic!("expected the slice to be refused, got {other:?}"),
     }

@@ -115,10 +115,14 @@ async fn drain_task(
             SliceOutcome::Busy | SliceOutcome::Fenced => tokio::time::sleep(POLL).await,
             SliceOutcome::Skipped => break,
             SliceOutcome::Crashed => return Err("crashed by a test hook".into()),
-            SliceOutcome::Failed { rows: n, error } => {
+            SliceOutcome::Failed {
+                rows: n,
+                error,
+                permanent,
+            } => {
                 rows += n as u64;
                 failures += 1;
-                if failures >= w.cfg.max_attempts {
+                if permanent || failures >= w.cfg.max_attempts {
                     return Err(error);
                 }
                 warn!(task = %task, %error, failures, "slice failed; retrying");

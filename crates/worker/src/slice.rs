@@ -42,8 +42,14 @@ pub enum SliceOutcome {
     Skipped,
     /// Rows were sent and committed; `more` when the slice stopped at its row or time bound.
     Synced { rows: usize, more: bool },
-    /// Stopped at an error after committing what was acknowledged.
-    Failed { rows: usize, error: String },
+    /// Stopped at an error after committing what was acknowledged. `permanent`: the error
+    /// says a retry cannot fix it (an incompatible schema change, a missing column); the
+    /// scheduler still retries with its backoff, `run --once` gives up at once.
+    Failed {
+        rows: usize,
+        error: String,
+        permanent: bool,
+    },
     /// The lease was lost or the fencing token superseded: nothing committed by this slice.
     Fenced,
     /// A test hook crashed the slice.
@@ -299,6 +305,7 @@ impl Worker {
         let claim = self.deps.control.claim(task).await?;
         span.record("run", claim.fencing_token);
         let run = self.run_slice(&tenant, &spec, &claim, lost, shutdown).await;
+        let permanent = matches!(&run, Err(e) if !e.is_retriable());
         let (rows, outcome, error, progress) = match run {
             Ok(SliceRun::Crashed) => {
                 return Ok(SliceReport {
@@ -372,6 +379,7 @@ impl Worker {
                 SliceOutcome::Failed {
                     rows: rows as usize,
                     error,
+                    permanent,
                 }
             }
             (Commit::Committed, None) => SliceOutcome::Synced {
