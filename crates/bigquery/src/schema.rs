@@ -29,6 +29,23 @@ pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> Strin
     )
 }
 
+/// Compaction (latest mode): delete every version that is not its key's newest and was
+/// synced more than `window_s` seconds ago. The window keeps DML away from rows that may still
+/// sit in the streaming buffer (BigQuery refuses to modify those) and leaves recent history for
+/// readers who look at versions. The order matches `latest_view_sql`, so the view's answer
+/// never changes.
+pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u64) -> String {
+    let keys = keys
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let t = client.qualified(table);
+    format!(
+        "DELETE FROM {t} WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND)          AND _version_id IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER          (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) AS _rn          FROM {t}) WHERE _rn > 1)"
+    )
+}
+
 /// What `sync_table` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SchemaChange {

@@ -141,6 +141,14 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         c.idle_recheck.as_millis() as u64,
     )?;
     c.shards = shards()?;
+    c.compact_window = Duration::from_secs(parsed(
+        "TENANTSYNC_COMPACT_WINDOW_S",
+        c.compact_window.as_secs(),
+    )?);
+    c.compact_every = Duration::from_secs(parsed(
+        "TENANTSYNC_COMPACT_EVERY_S",
+        c.compact_every.as_secs(),
+    )?);
     c.chunk_limits.max_rows =
         parsed("TENANTSYNC_CHUNK_ROWS", c.chunk_limits.max_rows)?.clamp(1, 500);
     if c.lease_ttl < Duration::from_millis(300) {

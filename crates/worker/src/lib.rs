@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod compact;
 mod error;
 pub mod metrics;
 pub mod onboard;
@@ -48,6 +49,10 @@ pub struct WorkerConfig {
     pub global_budget: tenantsync_lease::ratelimit::Budget,
     /// Budget of a tenant that has none of its own.
     pub tenant_budget: tenantsync_lease::ratelimit::Budget,
+    /// Compaction (latest mode) keeps superseded versions synced within this window.
+    pub compact_window: Duration,
+    /// A task's table is compacted at most this often, after a caught-up slice.
+    pub compact_every: Duration,
 }
 
 impl WorkerConfig {
@@ -67,6 +72,8 @@ impl WorkerConfig {
             shards: 8,
             global_budget: Default::default(),
             tenant_budget: Default::default(),
+            compact_window: Duration::from_secs(3 * 3600),
+            compact_every: Duration::from_secs(3600),
         }
     }
 }

@@ -395,6 +395,10 @@ impl Worker {
             ms = t0.elapsed().as_millis() as u64,
             "slice finished"
         );
+        // Caught up and still holding the lease: the moment to compact, if it is due.
+        if let SliceOutcome::Synced { more: false, .. } = outcome {
+            self.compact_if_due(task, &tenant, &spec).await;
+        }
         Ok(SliceReport {
             task,
             outcome,

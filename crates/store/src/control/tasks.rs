@@ -333,6 +333,28 @@ impl ControlPlane {
 
     /// The oldest `synced_through` among schedulable tasks (None when some task has never
     /// synced): `run --once` is done when this passes the moment it started.
+    /// Take the task's compaction turn when its last one is older than `every`: true when
+    /// the caller should compact now. Recorded up front, so a failed compaction waits for the
+    /// next turn instead of being retried after every slice. A task's first turn only starts
+    /// the clock: right after the first sync there is nothing old to compact.
+    pub async fn take_compaction_turn(&self, task: TaskId, every: Duration) -> Result<bool> {
+        let due: Option<bool> = sqlx::query_scalar(
+            "WITH old AS (SELECT compacted_at FROM sync_state
+                          WHERE tenant_id = $1 AND table_id = $2 FOR UPDATE)
+             UPDATE sync_state s SET compacted_at = now() FROM old
+             WHERE s.tenant_id = $1 AND s.table_id = $2
+               AND (old.compacted_at IS NULL
+                    OR old.compacted_at <= now() - make_interval(secs => $3))
+             RETURNING old.compacted_at IS NOT NULL",
+        )
+        .bind(task.tenant_id)
+        .bind(task.table_id)
+        .bind(every.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(due == Some(true))
+    }
+
     pub async fn oldest_synced_through(&self) -> Result<Option<DateTime<Utc>>> {
         let row = sqlx::query(
             "SELECT bool_or(s.synced_through IS NULL) AS never,

@@ -1,0 +1,74 @@
+//! Latest mode compacts superseded versions older than the window and never younger ones;
+//! history mode keeps every version.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tenantsync_core::Mode;
+use tenantsync_tests::{scalar_i64, TestEnv};
+use tenantsync_worker::NoHooks;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_keeps_young_versions_and_history_keeps_all() {
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE cur (id bigint PRIMARY KEY, organization_id bigint NOT NULL, v int,
+                           updated_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE hist (LIKE cur INCLUDING ALL);
+         INSERT INTO cur SELECT g, 1, 1, now() - interval '1 minute' FROM generate_series(1, 10) g;
+         INSERT INTO hist SELECT * FROM cur;",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    env.add_table("cur", "organization_id").await.unwrap();
+    let hist = env.add_table("hist", "organization_id").await.unwrap();
+    sqlx::query("UPDATE table_specs SET mode = $2 WHERE id = $1")
+        .bind(hist.id)
+        .bind(Mode::History.as_str())
+        .execute(env.control.pool())
+        .await
+        .unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    let mut cfg = env.worker_config();
+    // A sync here takes 2-3 s; the window must span one sync comfortably.
+    cfg.compact_window = Duration::from_secs(8);
+    cfg.compact_every = Duration::ZERO;
+    let worker = env.worker_with(cfg, Arc::new(NoHooks));
+    let bq = env.bq(&t).await.unwrap();
+    let count = |table: &str, filter: &str| {
+        let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
+        let bq = &bq;
+        async move { scalar_i64(&bq.query(&sql).await.unwrap()) }
+    };
+    let update = |ids: &str| {
+        let sql = format!(
+            "UPDATE cur SET v = v + 1, updated_at = now() WHERE id IN ({ids});
+             UPDATE hist SET v = v + 1, updated_at = now() WHERE id IN ({ids});"
+        );
+        let pool = env.source_pool().clone();
+        async move { sqlx::raw_sql(&sql).execute(&pool).await.unwrap() }
+    };
+
+    env.sync_once(&worker).await.unwrap(); // v1 of 10 rows; the first turn starts the clock
+    update("1,2,3,4,5,6,7,8,9,10").await;
+    env.sync_once(&worker).await.unwrap(); // v2: compaction runs, v1 is younger than 8 s
+    assert_eq!(count("cur", "").await, 20, "superseded but young: kept");
+
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    update("1,2,3,4,5").await;
+    env.sync_once(&worker).await.unwrap(); // v3 of 5 rows: v1 and v2 of those are old now
+    update("1").await;
+    env.sync_once(&worker).await.unwrap(); // v4 of row 1: its v3 is superseded but young
+
+    // Left: the newest version of each key (10) and row 1's young v3.
+    assert_eq!(count("cur", "").await, 11);
+    assert_eq!(count("cur", "WHERE id = 1").await, 2);
+    assert_eq!(count("cur_latest", "").await, 10);
+    assert_eq!(count("cur_latest", "WHERE v = 4 AND id = 1").await, 1);
+    assert_eq!(count("cur_latest", "WHERE v = 3").await, 4);
+    assert_eq!(count("cur_latest", "WHERE v = 2").await, 5);
+    // History: 10 + 10 + 5 + 1 versions, all kept.
+    assert_eq!(count("hist", "").await, 26);
+    assert_eq!(count("hist_latest", "").await, 10);
+    env.cleanup().await.unwrap();
+}
