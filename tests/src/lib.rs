@@ -2,7 +2,9 @@
 //! `scripts/dev-env` starts. Each test gets its own control-plane and source databases, its own
 //! Redis key prefix and its own dataset names, so tests run in parallel without sharing state.
 
+pub mod bench;
 pub mod http;
+pub mod sink;
 
 use anyhow::{Context, Result};
 use secrecy::SecretString;
