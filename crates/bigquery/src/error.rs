@@ -91,6 +91,12 @@ impl BqError {
             (409, _) => Self::AlreadyExists(text),
             (413, _) => Self::TooLarge(text),
             (400, _) if message.to_ascii_lowercase().contains("too large") => Self::TooLarge(text),
+            // The local emulator (DuckLake) answers a write-write conflict between concurrent
+            // requests on one dataset with 400 "Failed to commit DuckLake transaction"; the
+            // same request succeeds when sent again. BigQuery itself has no such answer.
+            (400, _) if message.contains("Failed to commit DuckLake transaction") => {
+                Self::Transient(text)
+            }
             (408, _) | (500..=599, _) => Self::Transient(text),
             _ => Self::Invalid(text),
         }

@@ -12,9 +12,36 @@ pub fn table_fields(source: &[BqField]) -> Vec<BqField> {
     f
 }
 
-/// `<table>_latest`: one row per key, the newest version, deletes removed. Ordering ties on
-/// `_source_ts` (two versions with the same cursor value) are broken by sync time, then id, so
-/// the choice is deterministic.
+/// The dataset's list of committed batches: a row's `_batch_id` must be listed here for the
+/// views to show it, so a slice that wrote half its chunks and then died stays invisible.
+pub const BATCHES_TABLE: &str = "_sync_batches";
+
+pub fn batches_fields() -> Vec<BqField> {
+    let f = |name: &str, t, mode| BqField {
+        name: name.to_string(),
+        field_type: t,
+        mode,
+    };
+    vec![
+        f("batch_id", BqType::String, FieldMode::Required),
+        f("table_name", BqType::String, FieldMode::Required),
+        f("committed_at", BqType::Timestamp, FieldMode::Required),
+        f("rows", BqType::Int64, FieldMode::Nullable),
+    ]
+}
+
+/// The versions of committed batches, as a subquery.
+fn committed(client: &BigQuery, table: &str) -> String {
+    format!(
+        "(SELECT * FROM {} WHERE _batch_id IN (SELECT batch_id FROM {}))",
+        client.qualified(table),
+        client.qualified(BATCHES_TABLE)
+    )
+}
+
+/// `<table>_latest`: one row per key, the newest committed version, deletes removed. Ordering
+/// ties on `_source_ts` (two versions with the same cursor value) are broken by sync time, then
+/// id, so the choice is deterministic.
 pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
     let keys = keys
         .iter()
@@ -25,7 +52,7 @@ pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> Strin
         "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
          ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) AS _rn FROM {}) \
          WHERE _rn = 1 AND _op != 'delete'",
-        client.qualified(table)
+        committed(client, table)
     )
 }
 
@@ -41,8 +68,17 @@ pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u6
         .collect::<Vec<_>>()
         .join(", ");
     let t = client.qualified(table);
+    // Ranked among committed versions only, like the view. Versions of batches never listed
+    // are deleted too once old: a later slice sent their rows again.
     format!(
-        "DELETE FROM {t} WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND)          AND _version_id IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER          (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) AS _rn          FROM {t}) WHERE _rn > 1)"
+        "DELETE FROM {t} \
+         WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND) \
+         AND (_batch_id NOT IN (SELECT batch_id FROM {b}) \
+              OR _version_id IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER \
+                 (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) \
+                 AS _rn FROM {c}) WHERE _rn > 1))",
+        b = client.qualified(BATCHES_TABLE),
+        c = committed(client, table),
     )
 }
 

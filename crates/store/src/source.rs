@@ -241,6 +241,9 @@ impl SlicePlan {
                     .as_bytes(),
             );
             h.update(spec.key_columns.join("\0").as_bytes());
+            // The view definitions' version: bump it when they change, so every task
+            // re-creates its views once.
+            h.update(b"views: committed batches only");
             h.finalize().to_hex()[..16].to_string()
         };
         Ok(Self {

@@ -5,7 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tenantsync_bigquery::schema::{latest_view_sql, sync_table};
+use tenantsync_bigquery::schema::{batches_fields, latest_view_sql, sync_table, BATCHES_TABLE};
 use tenantsync_bigquery::{BigQuery, BqError, Credentials, Retry};
 use tenantsync_core::chunk;
 use tenantsync_core::insert_id::insert_id;
@@ -22,6 +22,8 @@ use tracing::{debug, info, warn, Instrument};
 pub enum CrashPoint {
     /// After insertAll acknowledged rows, before the watermark commit.
     BeforeCommit,
+    /// After the first chunk of a slice of several: a half-written batch.
+    AfterFirstChunk,
 }
 
 pub trait Hooks: Send + Sync {
@@ -217,6 +219,9 @@ impl Worker {
         if client.ensure_dataset().await? {
             info!(dataset = client.dataset(), "created dataset");
         }
+        client
+            .create_table(BATCHES_TABLE, &batches_fields())
+            .await?;
         let change = sync_table(client, &plan.table, &plan.fields).await?;
         debug!(table = %plan.table, ?change, "schema synced");
         client
@@ -337,6 +342,7 @@ impl Worker {
                     synced_through: None,
                     rows: 0,
                     rerun_if_changed_in: None,
+                    batches_visible_through: None,
                     next_run_in: task_backoff(failures + 1),
                     error: Some(e.to_string()),
                 };
@@ -527,6 +533,11 @@ impl Worker {
                 Ok(n) => {
                     dead += n;
                     items.iter().for_each(|&i| handled[i] = true);
+                    if items.len() < sendable.len()
+                        && self.hooks.crash(claim.task, CrashPoint::AfterFirstChunk)
+                    {
+                        return Ok(SliceRun::Crashed);
+                    }
                 }
                 Err(e) => {
                     if e.retry() == Retry::PauseTenant {
@@ -544,6 +555,21 @@ impl Worker {
         if self.hooks.crash(claim.task, CrashPoint::BeforeCommit) {
             return Ok(SliceRun::Crashed);
         }
+        // List this batch, and the task's earlier batches never listed, in `_sync_batches`
+        // before the watermark moves: from then on the views show them. Without the listing
+        // the rows stay invisible, so it must not be skipped for a commit.
+        let batches_visible_through = if acked > 0 {
+            let tokens = (claim.batches_visible_through + 1).max(claim.fencing_token - 999)
+                ..=claim.fencing_token;
+            let ids: Vec<String> = tokens
+                .map(|t| format!("{}-{}-{t}", tenant.id, spec.id))
+                .collect();
+            self.list_batches(&client, tenant, &plan.table, &ids, (acked - dead) as i64)
+                .await?;
+            Some(claim.fencing_token)
+        } else {
+            None
+        };
 
         let drained = acked == rows.len() && (rows.len() as i64) < limit;
         let last = acked.checked_sub(1).map(|i| &rows[i]);
@@ -576,6 +602,7 @@ impl Worker {
                 .then(|| Duration::from_millis(spec.sync_interval_ms.max(0) as u64)),
             next_run_in,
             error,
+            batches_visible_through,
         }))
     }
 

@@ -320,6 +320,9 @@ impl Worker {
             let dead = self.send_chunk(&cx, &items).await?;
             sent += items.len() - dead;
         }
+        // Resent rows are a batch of their own, visible once listed.
+        self.list_batches(client, tenant, &plan.table, &[batch_id], sent as i64)
+            .await?;
         Ok(sent)
     }
 }

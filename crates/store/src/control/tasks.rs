@@ -41,6 +41,8 @@ pub struct Claim {
     pub synced_through: Option<DateTime<Utc>>,
     /// Schema hash last ensured in BigQuery for this task.
     pub schema_hash: Option<String>,
+    /// Batches (fencing tokens) of this task up to here are listed in `_sync_batches`.
+    pub batches_visible_through: i64,
 }
 
 /// Progress to record after a slice.
@@ -59,6 +61,8 @@ pub struct Progress {
     pub rerun_if_changed_in: Option<Duration>,
     /// The error that stopped the slice early, if any.
     pub error: Option<String>,
+    /// This slice listed its batch and the task's earlier ones up to this token.
+    pub batches_visible_through: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +217,8 @@ impl ControlPlane {
         let row = sqlx::query(
             "UPDATE sync_state SET fencing_token = fencing_token + 1
              WHERE tenant_id = $1 AND table_id = $2 AND enabled
-             RETURNING fencing_token, watermark_cursor, watermark_key, synced_through, schema_hash",
+             RETURNING fencing_token, watermark_cursor, watermark_key, synced_through, schema_hash,
+                       batches_visible_through",
         )
         .bind(task.tenant_id)
         .bind(task.table_id)
@@ -234,6 +239,7 @@ impl ControlPlane {
             },
             synced_through: row.try_get("synced_through")?,
             schema_hash: row.try_get("schema_hash")?,
+            batches_visible_through: row.try_get("batches_visible_through")?,
         })
     }
 
@@ -270,7 +276,8 @@ impl ControlPlane {
                  last_success_at = CASE WHEN $9::text IS NULL THEN now() ELSE last_success_at END,
                  last_error = $9,
                  last_error_at = CASE WHEN $9::text IS NULL THEN last_error_at ELSE now() END,
-                 consecutive_failures = CASE WHEN $9::text IS NULL THEN 0 ELSE consecutive_failures + 1 END
+                 consecutive_failures = CASE WHEN $9::text IS NULL THEN 0 ELSE consecutive_failures + 1 END,
+                 batches_visible_through = GREATEST(batches_visible_through, COALESCE($11, 0))
              WHERE tenant_id = $1 AND table_id = $2 AND fencing_token <= $3",
         )
         .bind(claim.task.tenant_id)
@@ -283,6 +290,7 @@ impl ControlPlane {
         .bind(interval_ms(p.next_run_in))
         .bind(p.error.as_deref())
         .bind(p.rerun_if_changed_in.map(interval_ms))
+        .bind(p.batches_visible_through)
         .execute(self.pool())
         .await?;
         Ok(if done.rows_affected() == 1 {
