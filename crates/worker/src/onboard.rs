@@ -131,6 +131,12 @@ pub async fn add_table(
     ] {
         ident::sql_ident(what, v).map_err(invalid)?;
     }
+    if spec.mode == tenantsync_core::Mode::Merge {
+        return Err(invalid(
+            "mode merge is not built yet (partial rows merged into <table>_final); use latest or history"
+                .to_string(),
+        ));
+    }
     let columns = source
         .columns(&spec.source_schema, &spec.source_table)
         .await?;
