@@ -21,7 +21,7 @@ demo: dev-env build
 test: build
 	scripts/dev-env test
 	scripts/test-cleanup
-	set -a && . ./.env.test && set +a && cargo test --workspace --no-fail-fast
+	scripts/run-tests
 	scripts/check-deploy
 
 ## bench: the three benchmarks of docs/benchmarks.md (release build, fresh databases each):
