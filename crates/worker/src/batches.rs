@@ -5,6 +5,7 @@ use chrono::{SecondsFormat, Utc};
 use tenantsync_bigquery::schema::{batches_fields, BATCHES_TABLE};
 use tenantsync_bigquery::{BigQuery, BqError};
 use tenantsync_core::Tenant;
+use tokio_util::sync::CancellationToken;
 
 impl Worker {
     /// List `ids` (the last one is the current slice's, with its row count) as committed.
@@ -30,10 +31,15 @@ impl Worker {
             })
             .collect();
         let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        // A listing is an insertAll request like any other: it takes its slot from the
+        // tenant's and the deployment's budgets.
+        let never = CancellationToken::new();
         let mut recreated = false;
         loop {
             let r = self
                 .retry_bq("list batch", tenant, || async {
+                    self.wait_for_budget(tenant, refs.len(), &never, &never)
+                        .await?;
                     Ok(client.insert_all(BATCHES_TABLE, &refs).await?)
                 })
                 .await;

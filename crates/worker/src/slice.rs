@@ -772,7 +772,7 @@ impl Worker {
 
 impl Worker {
     /// Wait for this insertAll's slot in the global and the tenant's budget.
-    async fn wait_for_budget(
+    pub(crate) async fn wait_for_budget(
         &self,
         tenant: &Tenant,
         rows: usize,
