@@ -521,3 +521,24 @@ impl TestEnv {
         (out.status.success(), text)
     }
 }
+
+/// A worker hook that crashes the first slice to reach `point`, once per worker.
+pub struct CrashOnceAt {
+    point: tenantsync_worker::CrashPoint,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl CrashOnceAt {
+    pub fn new(point: tenantsync_worker::CrashPoint) -> Arc<Self> {
+        Arc::new(Self {
+            point,
+            done: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+impl tenantsync_worker::Hooks for CrashOnceAt {
+    fn crash(&self, _task: TaskId, at: tenantsync_worker::CrashPoint) -> bool {
+        at == self.point && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -1,21 +1,12 @@
 //! Batch visibility: a slice that wrote only some of its chunks is invisible in the views
 //! until a later slice commits the same range.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_store::control::tasks::TaskId;
-use tenantsync_tests::{scalar_i64, TestEnv};
-use tenantsync_worker::{CrashPoint, Hooks, SliceOutcome};
+use tenantsync_tests::{scalar_i64, CrashOnceAt, TestEnv};
+use tenantsync_worker::{CrashPoint, SliceOutcome};
 use tokio_util::sync::CancellationToken;
-
-/// Dies once, right after the first chunk of a slice was acknowledged.
-struct DieAfterFirstChunk(AtomicBool);
-impl Hooks for DieAfterFirstChunk {
-    fn crash(&self, _task: TaskId, at: CrashPoint) -> bool {
-        at == CrashPoint::AfterFirstChunk && !self.0.swap(true, Ordering::SeqCst)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
@@ -32,10 +23,8 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
     let mut cfg = env.worker_config();
     cfg.chunk_limits.max_rows = 20;
     cfg.lease_ttl = Duration::from_secs(2);
-    let dying = env.worker_with(
-        cfg.clone(),
-        Arc::new(DieAfterFirstChunk(AtomicBool::new(false))),
-    );
+    // Dies once, right after the first chunk of a slice was acknowledged.
+    let dying = env.worker_with(cfg.clone(), CrashOnceAt::new(CrashPoint::AfterFirstChunk));
     let r = dying
         .try_execute_task(task, &CancellationToken::new())
         .await

@@ -1,11 +1,9 @@
 //! Cursor-mode sync against the real Postgres, Redis and local BigQuery.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use tenantsync_store::control::tasks::TaskId;
-use tenantsync_tests::{cell, scalar_i64, TestEnv};
-use tenantsync_worker::{CrashPoint, Hooks, SliceOutcome};
+use tenantsync_tests::{cell, scalar_i64, CrashOnceAt, TestEnv};
+use tenantsync_worker::{CrashPoint, SliceOutcome};
 use tokio_util::sync::CancellationToken;
 
 /// Rows of `table` for one organization as comparable strings, from Postgres.
@@ -205,14 +203,6 @@ async fn a_transaction_open_while_later_rows_commit_is_not_skipped() {
     env.cleanup().await.unwrap();
 }
 
-/// Crashes the first slice of every task right before its watermark commit.
-struct CrashOnce(AtomicBool);
-impl Hooks for CrashOnce {
-    fn crash(&self, _task: TaskId, at: CrashPoint) -> bool {
-        at == CrashPoint::BeforeCommit && !self.0.swap(true, Ordering::SeqCst)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_between_insert_all_and_commit_loses_nothing_and_duplicates_stay_invisible() {
     let env = TestEnv::new().await.unwrap();
@@ -228,7 +218,7 @@ async fn a_crash_between_insert_all_and_commit_loses_nothing_and_duplicates_stay
 
     let mut cfg = env.worker_config();
     cfg.lease_ttl = std::time::Duration::from_secs(4);
-    let crashing = env.worker_with(cfg.clone(), Arc::new(CrashOnce(AtomicBool::new(false))));
+    let crashing = env.worker_with(cfg.clone(), CrashOnceAt::new(CrashPoint::BeforeCommit));
     let never = CancellationToken::new();
     let r = crashing.try_execute_task(task, &never).await.unwrap();
     assert_eq!(r.outcome, SliceOutcome::Crashed);

@@ -412,13 +412,7 @@ impl SourceReader {
         let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
         let mut rows = query.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.push(f(SourceRow {
-                key: r.try_get("k")?,
-                cursor: r.try_get("c")?,
-                cursor_ts: r.try_get("cts")?,
-                tenant: r.try_get("tn")?,
-                json: r.try_get("j")?,
-            }));
+            out.push(f(source_row(&r)?));
         }
         Ok(out)
     }
@@ -484,14 +478,19 @@ impl SourceReader {
         let mut out = Vec::new();
         let mut rows = q.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.push(SourceRow {
-                key: r.try_get("k")?,
-                cursor: r.try_get("c")?,
-                cursor_ts: r.try_get("cts")?,
-                tenant: r.try_get("tn")?,
-                json: r.try_get("j")?,
-            });
+            out.push(source_row(&r)?);
         }
         Ok(out)
     }
+}
+
+/// A row of the slice and range queries (columns `k`, `c`, `cts`, `tn`, `j`).
+fn source_row(r: &sqlx::postgres::PgRow) -> Result<SourceRow> {
+    Ok(SourceRow {
+        key: r.try_get("k")?,
+        cursor: r.try_get("c")?,
+        cursor_ts: r.try_get("cts")?,
+        tenant: r.try_get("tn")?,
+        json: r.try_get("j")?,
+    })
 }
