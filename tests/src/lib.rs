@@ -210,6 +210,8 @@ impl TestEnv {
                 mode: Mode::Latest,
                 sync_interval_ms: 100,
                 slice_rows: 5000,
+                soft_delete_column: None,
+                capture: Default::default(),
             },
         )
         .await?)

@@ -82,6 +82,86 @@ pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u6
     )
 }
 
+/// `<table>_final` (merge mode): one full row per key, the source columns plus the newest
+/// merged version's `_source_ts` and when the MERGE last wrote it.
+pub fn final_fields(source: &[BqField]) -> Vec<BqField> {
+    let mut f = source.to_vec();
+    for name in ["_source_ts", "_merged_at"] {
+        f.push(BqField {
+            name: name.to_string(),
+            field_type: BqType::Timestamp,
+            mode: FieldMode::Required,
+        });
+    }
+    f
+}
+
+/// Merge mode: rebuild `<table>_final` from the partial versions of committed batches. Per
+/// key, each column takes its newest non-NULL value (FIRST_VALUE … IGNORE NULLS) among the
+/// versions since the key's last insert or delete, so a re-inserted row does not inherit
+/// values from before its delete; the newest version's `_op` decides whether the key exists.
+/// Every key is recomputed from all its versions on each run, so the result does not depend
+/// on which batches earlier runs saw (a batch listed late is merged correctly). A column set
+/// to NULL in an update cannot be told from an unchanged one: it keeps its last value.
+pub fn merge_sql(client: &BigQuery, table: &str, keys: &[String], source: &[BqField]) -> String {
+    let q = |c: &str| format!("`{c}`");
+    let key_list = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+    let order = "_source_ts DESC, _synced_at DESC, _version_id DESC";
+    let values: Vec<&BqField> = source.iter().filter(|f| !keys.contains(&f.name)).collect();
+    let firsts: Vec<String> = values
+        .iter()
+        .map(|f| {
+            format!(
+                "FIRST_VALUE({c} IGNORE NULLS) OVER w AS {c}",
+                c = q(&f.name)
+            )
+        })
+        .collect();
+    let on: Vec<String> = keys
+        .iter()
+        .map(|k| format!("F.{c} = S.{c}", c = q(k)))
+        .collect();
+    let set: Vec<String> = values
+        .iter()
+        .map(|f| format!("{c} = S.{c}", c = q(&f.name)))
+        .chain([
+            "_source_ts = S._source_ts".into(),
+            "_merged_at = CURRENT_TIMESTAMP()".into(),
+        ])
+        .collect();
+    let cols: Vec<String> = source.iter().map(|f| q(&f.name)).collect();
+    let s_cols: Vec<String> = source.iter().map(|f| format!("S.{}", q(&f.name))).collect();
+    let firsts = if firsts.is_empty() {
+        String::new()
+    } else {
+        format!("{}, ", firsts.join(", "))
+    };
+    format!(
+        "MERGE {final_t} F USING (\
+           SELECT * EXCEPT(_rn) FROM (\
+             SELECT {key_list}, {firsts}FIRST_VALUE(_op) OVER w AS _op, \
+                    FIRST_VALUE(_source_ts) OVER w AS _source_ts, \
+                    ROW_NUMBER() OVER (PARTITION BY {key_list} ORDER BY {order}) AS _rn \
+             FROM (SELECT v.*, MAX(IF(_op IN ('insert', 'delete'), _source_ts, NULL)) \
+                          OVER (PARTITION BY {key_list}) AS _reset FROM {committed} v) \
+             WHERE _reset IS NULL OR _source_ts >= _reset \
+             WINDOW w AS (PARTITION BY {key_list} ORDER BY {order} \
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) \
+           WHERE _rn = 1) S \
+         ON {on} \
+         WHEN MATCHED AND S._op = 'delete' THEN DELETE \
+         WHEN MATCHED THEN UPDATE SET {set} \
+         WHEN NOT MATCHED AND S._op != 'delete' THEN \
+           INSERT ({cols}, _source_ts, _merged_at) VALUES ({s_cols}, S._source_ts, CURRENT_TIMESTAMP())",
+        final_t = client.qualified(&format!("{table}_final")),
+        committed = committed(client, table),
+        on = on.join(" AND "),
+        set = set.join(", "),
+        cols = cols.join(", "),
+        s_cols = s_cols.join(", "),
+    )
+}
+
 /// What `sync_table` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SchemaChange {
@@ -101,7 +181,15 @@ pub async fn sync_table(
     table: &str,
     source: &[BqField],
 ) -> Result<SchemaChange, BqError> {
-    let wanted = table_fields(source);
+    sync_fields(client, table, table_fields(source)).await
+}
+
+/// [`sync_table`] for any wanted schema (`<table>_final` too).
+pub async fn sync_fields(
+    client: &BigQuery,
+    table: &str,
+    wanted: Vec<BqField>,
+) -> Result<SchemaChange, BqError> {
     // Create first: for a new table that is one call instead of two.
     if client.create_table(table, &wanted).await? {
         return Ok(SchemaChange::Created);

@@ -7,4 +7,4 @@ pub mod insert_id;
 pub mod mapping;
 pub mod model;
 
-pub use model::{Mode, TableSpec, Tenant, TenantStatus};
+pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus};

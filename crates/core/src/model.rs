@@ -82,6 +82,46 @@ impl FromStr for Mode {
     }
 }
 
+/// How changes are found in the source (DESIGN.md, "Change capture").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Capture {
+    /// Keyset reads on (cursor column, key) below the in-flight-transaction horizon. Needs
+    /// nothing installed; cannot see hard deletes.
+    #[default]
+    Cursor,
+    /// A change table filled by triggers (`tenantsync source install-changelog`), read below
+    /// the oldest running transaction id: exact, hard deletes included.
+    Changelog,
+}
+
+impl Capture {
+    pub const ALL: [Capture; 2] = [Self::Cursor, Self::Changelog];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cursor => "cursor",
+            Self::Changelog => "changelog",
+        }
+    }
+}
+
+impl fmt::Display for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Capture {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown capture {s:?} (expected cursor or changelog)"))
+    }
+}
+
 /// A tenant: one source organization synced into one BigQuery dataset.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Tenant {
@@ -114,6 +154,7 @@ pub struct TableSpec {
     /// A column that marks rows deleted (boolean true, or a non-NULL timestamp): such rows
     /// are sent as deletes. Cursor mode sees no hard delete.
     pub soft_delete_column: Option<String>,
+    pub capture: Capture,
 }
 
 impl TableSpec {

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod changelog;
 pub mod control;
 pub mod error;
 pub mod source;

@@ -8,7 +8,7 @@ use sqlx::{PgPool, Row};
 use std::time::Duration;
 use tenantsync_core::ident::{quote_pg, sql_ident};
 use tenantsync_core::mapping::{map_column, BqField, PgColumn};
-use tenantsync_core::TableSpec;
+use tenantsync_core::{Capture, TableSpec};
 
 #[derive(Clone, Debug)]
 pub struct SourceReader {
@@ -26,6 +26,22 @@ pub struct SourceRow {
     /// The row's tenant column as text, for the per-row isolation check.
     pub tenant: Option<String>,
     pub json: String,
+    /// Changelog capture: the change's sequence number. The watermark is then (txid, seq),
+    /// not (cursor, key).
+    pub seq: Option<String>,
+}
+
+impl SourceRow {
+    /// The watermark that points just past this row.
+    pub fn watermark(&self) -> Watermark {
+        Watermark {
+            cursor: Some(self.cursor.clone()),
+            key: match &self.seq {
+                Some(s) => vec![s.clone()],
+                None => self.key.clone(),
+            },
+        }
+    }
 }
 
 /// Everything needed to read slices of one table: its BigQuery schema and two prepared SQL
@@ -35,17 +51,44 @@ pub struct SlicePlan {
     pub table: String,
     pub fields: Vec<BqField>,
     pub key_columns: Vec<String>,
-    /// Fingerprint of what lands in BigQuery (fields and key columns): when it matches the one
-    /// stored for a task, the task's table and views need no calls.
+    pub capture: Capture,
+    /// Fingerprint of what lands in BigQuery (fields, key columns, mode): when it matches the
+    /// one stored for a task, the task's table and views need no calls.
     pub schema_hash: String,
+    sql: PlanSql,
+}
+
+/// The prepared SQL texts of a plan.
+#[derive(Debug, Clone)]
+struct PlanSql {
+    /// First slice, and after a watermark.
     first_sql: String,
     next_sql: String,
     /// Rows of one tenant in a key range, in key order (resync and repair).
     range_sql: String,
-    /// Every key of one tenant with its cursor in microseconds (verify).
+    /// Every key of one tenant with its version in microseconds, if there is one (verify).
     verify_sql: String,
+    /// Changelog capture: keys of one tenant with changes not yet sent (verify skips them).
+    pending_sql: Option<String>,
     changed_sql: String,
     backlog_sql: String,
+    /// Parts of the watermark's key: the key columns (cursor), or the change's seq (changelog).
+    watermark_parts: usize,
+}
+
+/// What both captures' SQL share, built once in [`SlicePlan::build`].
+struct CommonSql<'a> {
+    keys: &'a [&'a PgColumn],
+    q: &'a dyn Fn(&PgColumn) -> String,
+    key_text: &'a str,
+    ko: &'a str,
+    tn: &'a str,
+    tn_type: &'a str,
+    source: &'a str,
+    range_filter: &'a str,
+    deleted: Option<&'a str>,
+    with_deletes: &'a dyn Fn(String) -> String,
+    row_json: &'a dyn Fn(&str, &str) -> String,
 }
 
 impl SlicePlan {
@@ -60,23 +103,12 @@ impl SlicePlan {
                 ))
             })
         };
-        let cursor = find("cursor", &spec.cursor_column)?;
         let tenant = find("tenant", &spec.tenant_column)?;
         let keys = spec
             .key_columns
             .iter()
             .map(|k| find("key", k))
             .collect::<Result<Vec<_>>>()?;
-        let cursor_is_tz = match cursor.base_type.as_str() {
-            "timestamptz" if !cursor.is_array => true,
-            "timestamp" if !cursor.is_array => false,
-            _ => {
-                return Err(StoreError::Invalid(format!(
-                    "cursor column {:?} has type {}; cursor mode needs timestamp or timestamptz",
-                    cursor.name, cursor.formatted
-                )))
-            }
-        };
 
         let mut fields = Vec::with_capacity(columns.len());
         let mut exprs = Vec::with_capacity(columns.len() + 2);
@@ -86,17 +118,6 @@ impl SlicePlan {
             fields.push(m.field);
         }
         let q = |c: &PgColumn| format!("t.{}", quote_pg(&c.name));
-        let cur = q(cursor);
-        // Without an `inserted_at` column an insert and an update look alike in cursor mode.
-        let op = match columns.iter().find(|c| c.name == "inserted_at") {
-            Some(ins) if ins.name != cursor.name => {
-                format!(
-                    "CASE WHEN {} = {cur} THEN 'insert' ELSE 'update' END",
-                    q(ins)
-                )
-            }
-            _ => "'upsert'".to_string(),
-        };
         // A soft-delete column turns marked rows into deletes.
         let deleted = match &spec.soft_delete_column {
             None => None,
@@ -121,45 +142,206 @@ impl SlicePlan {
                 })
             }
         };
-        let op = match &deleted {
+        let with_deletes = |op: String| match &deleted {
             Some(d) => format!("CASE WHEN {d} THEN 'delete' ELSE {op} END"),
             None => op,
         };
+        let source_ts = |utc: &str| {
+            format!("to_char({utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"_source_ts\"")
+        };
+        let row_json = |op: &str, utc: &str| {
+            format!(
+                "(SELECT row_to_json(r)::text FROM (SELECT {}, {op} AS \"_op\", {}) r)",
+                exprs.join(", "),
+                source_ts(utc)
+            )
+        };
+        let key_text: Vec<String> = keys.iter().map(|k| format!("({})::text", q(k))).collect();
+        let key_text = key_text.join(", ");
+        let key_order: Vec<String> = keys.iter().map(|k| q(k)).collect();
+        let ko = key_order.join(", ");
+        let tn = q(tenant);
+        let tn_type = &tenant.sql_type;
+        let source = format!(
+            "{}.{}",
+            quote_pg(&spec.source_schema),
+            quote_pg(&spec.source_table)
+        );
+        // Key ranges for resync: $4 is the lower bound's mode (NULL: none, true: inclusive,
+        // false: exclusive), $5 whether there is an upper bound (NULL: none), then the lower and
+        // the upper key, each bound as text and cast like the watermark.
+        let key_params = |start: usize| -> String {
+            keys.iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text::{}", start + i, c.sql_type))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let lower = key_params(6);
+        let upper = key_params(6 + keys.len());
+        let range_filter = format!(
+            "AND ($4::bool IS NULL OR ({ko}) > ({lower}) OR ($4::bool AND ({ko}) = ({lower})))
+             AND ($5::bool IS NULL OR ({ko}) <= ({upper}))
+             ORDER BY {ko} LIMIT $3"
+        );
+
+        let sql = match spec.capture {
+            Capture::Cursor => {
+                let cursor = find("cursor", &spec.cursor_column)?;
+                Self::cursor_sql(
+                    spec,
+                    columns,
+                    cursor,
+                    &CommonSql {
+                        keys: &keys,
+                        q: &q,
+                        key_text: &key_text,
+                        ko: &ko,
+                        tn: &tn,
+                        tn_type,
+                        source: &source,
+                        range_filter: &range_filter,
+                        deleted: deleted.as_deref(),
+                        with_deletes: &with_deletes,
+                        row_json: &row_json,
+                    },
+                )?
+            }
+            Capture::Changelog => {
+                let ct = crate::changelog::change_table(&spec.source_schema, &spec.source_table);
+                // The change row rebuilt as a row of the source table, so every column goes
+                // through the same type mapping as in cursor mode. Columns a partial update
+                // left out come back NULL, which is what merge mode expects.
+                let base =
+                    format!(
+                    "SELECT c.key AS k, c.txid::text AS c, c.seq::text AS seq, ({tn})::text AS tn,
+                            c.changed_at AS cts, {j} AS j
+                     FROM {ct} c CROSS JOIN LATERAL jsonb_populate_record(NULL::{source}, c.row) t
+                     WHERE c.tenant = $1::text AND $2::timestamptz IS NOT NULL
+                       AND c.txid < pg_snapshot_xmin(pg_current_snapshot())",
+                    j = row_json(&with_deletes("c.op".into()), "c.changed_at AT TIME ZONE 'UTC'"),
+                );
+                let tail = "ORDER BY c.txid, c.seq LIMIT $3";
+                // A repair sends the current row as a version newer than every change so far.
+                let now_json = row_json(
+                    &with_deletes("'update'".into()),
+                    "clock_timestamp() AT TIME ZONE 'UTC'",
+                );
+                PlanSql {
+                    first_sql: format!("{base} {tail}"),
+                    next_sql: format!(
+                        "{base} AND (c.txid, c.seq) > ($4::text::xid8, $5::text::bigint) {tail}"
+                    ),
+                    range_sql: format!(
+                        "SELECT ARRAY[{key_text}] AS k, clock_timestamp()::text AS c, NULL::text AS seq,
+                                ({tn})::text AS tn, clock_timestamp() AS cts, {now_json} AS j
+                         FROM {source} t
+                         WHERE {tn} = $1::text::{tn_type} AND $2::timestamptz IS NOT NULL {range_filter}"
+                    ),
+                    // No version to compare: the change table has no lasting record of one.
+                    // Keys with changes still pending are left out by `pending_keys`.
+                    verify_sql: format!(
+                        "SELECT ARRAY[{key_text}] AS k, NULL::bigint AS ts, {del} AS del
+                         FROM {source} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
+                        del = deleted.as_deref().unwrap_or("false"),
+                    ),
+                    pending_sql: Some(format!(
+                        "SELECT DISTINCT key FROM {ct} WHERE tenant = $1::text"
+                    )),
+                    // Workers delete what they sent, so whatever is left below the snapshot
+                    // horizon is pending: one query finds every tenant with changes.
+                    changed_sql: format!(
+                        "SELECT DISTINCT tenant FROM {ct}
+                         WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+                           AND $1::timestamptz IS NOT NULL AND $2::timestamptz IS NOT NULL"
+                    ),
+                    backlog_sql: format!(
+                        "SELECT w.tenant, (SELECT count(*) FROM (
+                             SELECT 1 FROM {ct} c WHERE c.tenant = w.tenant LIMIT $3) x) AS n
+                         FROM unnest($1::text[], $2::timestamptz[]) AS w(tenant, since)"
+                    ),
+                    watermark_parts: 1,
+                }
+            }
+        };
+        let schema_hash = {
+            let mut h = blake3::Hasher::new();
+            h.update(
+                serde_json::to_string(&fields)
+                    .expect("fields serialize")
+                    .as_bytes(),
+            );
+            h.update(spec.key_columns.join("\0").as_bytes());
+            h.update(spec.mode.as_str().as_bytes());
+            // The view definitions' version: bump it when they change, so every task
+            // re-creates its views once.
+            h.update(b"views: committed batches only");
+            h.finalize().to_hex()[..16].to_string()
+        };
+        Ok(Self {
+            schema_hash,
+            table: spec.bq_table(),
+            fields,
+            key_columns: spec.key_columns.clone(),
+            capture: spec.capture,
+            sql,
+        })
+    }
+
+    fn cursor_sql(
+        spec: &TableSpec,
+        columns: &[PgColumn],
+        cursor: &PgColumn,
+        s: &CommonSql<'_>,
+    ) -> Result<PlanSql> {
+        let q = s.q;
+        let (key_text, ko, tn, tn_type, source) = (s.key_text, s.ko, s.tn, s.tn_type, s.source);
+        let cursor_is_tz = match cursor.base_type.as_str() {
+            "timestamptz" if !cursor.is_array => true,
+            "timestamp" if !cursor.is_array => false,
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "cursor column {:?} has type {}; cursor mode needs timestamp or timestamptz",
+                    cursor.name, cursor.formatted
+                )))
+            }
+        };
+        let cur = q(cursor);
+        // Without an `inserted_at` column an insert and an update look alike in cursor mode.
+        let op = match columns.iter().find(|c| c.name == "inserted_at") {
+            Some(ins) if ins.name != cursor.name => {
+                format!(
+                    "CASE WHEN {} = {cur} THEN 'insert' ELSE 'update' END",
+                    q(ins)
+                )
+            }
+            _ => "'upsert'".to_string(),
+        };
+        let op = (s.with_deletes)(op);
         let (cur_utc, cur_tz) = if cursor_is_tz {
             (format!("{cur} AT TIME ZONE 'UTC'"), cur.clone())
         } else {
             (cur.clone(), format!("{cur} AT TIME ZONE 'UTC'"))
         };
-        exprs.push(format!("{op} AS \"_op\""));
-        exprs.push(format!(
-            "to_char({cur_utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"_source_ts\""
-        ));
         let horizon = if cursor_is_tz {
             "$2::timestamptz".to_string()
         } else {
             "($2::timestamptz AT TIME ZONE 'UTC')".to_string()
         };
         let order: Vec<String> = std::iter::once(cur.clone())
-            .chain(keys.iter().map(|k| q(k)))
+            .chain(s.keys.iter().map(|k| q(k)))
             .collect();
-        let key_text: Vec<String> = keys.iter().map(|k| format!("({})::text", q(k))).collect();
         let base = format!(
-            "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, ({tn})::text AS tn,
-                    ({cur_tz}) AS cts,
-                    (SELECT row_to_json(r)::text FROM (SELECT {exprs}) r) AS j
-             FROM {schema}.{table} t
+            "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, NULL::text AS seq, ({tn})::text AS tn,
+                    ({cur_tz}) AS cts, {j} AS j
+             FROM {source} t
              WHERE {tn} = $1::text::{tn_type} AND {cur} < {horizon}",
-            key_text = key_text.join(", "),
-            tn = q(tenant),
-            tn_type = tenant.sql_type,
-            exprs = exprs.join(", "),
-            schema = quote_pg(&spec.source_schema),
-            table = quote_pg(&spec.source_table),
+            j = (s.row_json)(&op, &cur_utc),
         );
         // Watermark parameters start at $4, all bound as text and cast to the column types so
         // the comparison (and the index on them) works on real values, not strings.
         let wm_params: Vec<String> = std::iter::once(cursor)
-            .chain(keys.iter().copied())
+            .chain(s.keys.iter().copied())
             .enumerate()
             .map(|(i, c)| format!("${}::text::{}", i + 4, c.sql_type))
             .collect();
@@ -170,35 +352,12 @@ impl SlicePlan {
             order.join(", "),
             wm_params.join(", ")
         );
-        // Key ranges for resync: $4 is the lower bound's mode (NULL: none, true: inclusive,
-        // false: exclusive), $5 whether there is an upper bound (NULL: none), then the lower and
-        // the upper key, each bound as text and cast like the watermark.
-        let key_order: Vec<String> = keys.iter().map(|k| q(k)).collect();
-        let key_params = |start: usize| -> String {
-            keys.iter()
-                .enumerate()
-                .map(|(i, c)| format!("${}::text::{}", start + i, c.sql_type))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let ko = key_order.join(", ");
-        let lower = key_params(6);
-        let upper = key_params(6 + keys.len());
-        let range_sql = format!(
-            "{base} AND ($4::bool IS NULL OR ({ko}) > ({lower}) OR ($4::bool AND ({ko}) = ({lower})))
-                    AND ($5::bool IS NULL OR ({ko}) <= ({upper}))
-             ORDER BY {ko} LIMIT $3"
-        );
+        let range_sql = format!("{base} {}", s.range_filter);
         let verify_sql = format!(
             "SELECT ARRAY[{key_text}] AS k, (extract(epoch FROM {cur_tz}) * 1000000)::bigint AS ts
                     , {del} AS del
-             FROM {schema}.{table} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
-            del = deleted.as_deref().unwrap_or("false"),
-            key_text = key_text.join(", "),
-            tn = q(tenant),
-            tn_type = tenant.sql_type,
-            schema = quote_pg(&spec.source_schema),
-            table = quote_pg(&spec.source_table),
+             FROM {source} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
+            del = s.deleted.unwrap_or("false"),
         );
         // Which tenants have rows in [$1, horizon $2): one query per table per coordinator tick,
         // however many tenants are idle.
@@ -208,10 +367,7 @@ impl SlicePlan {
             "($1::timestamptz AT TIME ZONE 'UTC')".to_string()
         };
         let changed_sql = format!(
-            "SELECT DISTINCT ({tn})::text FROM {schema}.{table} t WHERE {cur} >= {since} AND {cur} < {horizon}",
-            tn = q(tenant),
-            schema = quote_pg(&spec.source_schema),
-            table = quote_pg(&spec.source_table),
+            "SELECT DISTINCT ({tn})::text FROM {source} t WHERE {cur} >= {since} AND {cur} < {horizon}",
         );
         // Rows at or after each tenant's confirmed point, for the backlog gauge: one query per
         // table for all lagging tenants, each count capped at $3 so a huge backfill costs a
@@ -224,39 +380,20 @@ impl SlicePlan {
         };
         let backlog_sql = format!(
             "SELECT w.tenant, (SELECT count(*) FROM (
-                 SELECT 1 FROM {schema}.{table} t
+                 SELECT 1 FROM {source} t
                  WHERE {tn} = w.tenant::{tn_type} AND (w.since IS NULL OR {cur} >= {since_w})
                  LIMIT $3) x) AS n
              FROM unnest($1::text[], $2::timestamptz[]) AS w(tenant, since)",
-            tn = q(tenant),
-            tn_type = tenant.sql_type,
-            schema = quote_pg(&spec.source_schema),
-            table = quote_pg(&spec.source_table),
         );
-        let schema_hash = {
-            let mut h = blake3::Hasher::new();
-            h.update(
-                serde_json::to_string(&fields)
-                    .expect("fields serialize")
-                    .as_bytes(),
-            );
-            h.update(spec.key_columns.join("\0").as_bytes());
-            // The view definitions' version: bump it when they change, so every task
-            // re-creates its views once.
-            h.update(b"views: committed batches only");
-            h.finalize().to_hex()[..16].to_string()
-        };
-        Ok(Self {
-            schema_hash,
-            changed_sql,
-            backlog_sql,
-            table: spec.bq_table(),
-            fields,
-            key_columns: spec.key_columns.clone(),
+        Ok(PlanSql {
             first_sql,
             next_sql,
             range_sql,
             verify_sql,
+            pending_sql: None,
+            changed_sql,
+            backlog_sql,
+            watermark_parts: spec.key_columns.len(),
         })
     }
 }
@@ -334,7 +471,7 @@ impl SourceReader {
         since: DateTime<Utc>,
         horizon: DateTime<Utc>,
     ) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(&plan.changed_sql)
+        Ok(sqlx::query_scalar(&plan.sql.changed_sql)
             .bind(since)
             .bind(horizon)
             .fetch_all(&self.pool)
@@ -352,7 +489,7 @@ impl SourceReader {
     ) -> Result<Vec<(String, i64)>> {
         let (ids, since): (Vec<String>, Vec<Option<DateTime<Utc>>>) =
             tenants.iter().cloned().unzip();
-        let rows = sqlx::query(&plan.backlog_sql)
+        let rows = sqlx::query(&plan.sql.backlog_sql)
             .bind(ids)
             .bind(since)
             .bind(cap)
@@ -389,17 +526,18 @@ impl SourceReader {
         mut f: impl FnMut(SourceRow) -> T,
     ) -> Result<Vec<T>> {
         let mut query = match &watermark.cursor {
-            None => sqlx::query(&plan.first_sql),
+            None => sqlx::query(&plan.sql.first_sql),
             Some(_) => {
-                if watermark.key.len() != plan.key_columns.len() {
+                if watermark.key.len() != plan.sql.watermark_parts {
                     return Err(StoreError::Invalid(format!(
-                        "watermark key has {} parts but table {} has {} key columns; resync the table",
+                        "watermark key has {} parts but table {} ({} capture) needs {}; resync the table",
                         watermark.key.len(),
                         plan.table,
-                        plan.key_columns.len()
+                        plan.capture,
+                        plan.sql.watermark_parts
                     )));
                 }
-                sqlx::query(&plan.next_sql)
+                sqlx::query(&plan.sql.next_sql)
             }
         };
         query = query.bind(organization_id).bind(horizon).bind(limit);
@@ -420,21 +558,40 @@ impl SourceReader {
 
 impl SourceReader {
     /// Every key of one tenant, in key order, with its cursor as microseconds since the epoch
-    /// (what `_source_ts` holds in BigQuery) and whether it is marked deleted. Held in memory:
-    /// verify is an operator's command.
+    /// (what `_source_ts` holds in BigQuery; None under changelog capture, where no source
+    /// column holds the version) and whether it is marked deleted. Held in memory: verify is
+    /// an operator's command.
     pub async fn tenant_keys(
         &self,
         plan: &SlicePlan,
         organization_id: &str,
-    ) -> Result<Vec<(Vec<String>, i64, bool)>> {
+    ) -> Result<Vec<(Vec<String>, Option<i64>, bool)>> {
         let mut out = Vec::new();
-        let mut rows = sqlx::query(&plan.verify_sql)
+        let mut rows = sqlx::query(&plan.sql.verify_sql)
             .bind(organization_id)
             .fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
             out.push((r.try_get("k")?, r.try_get("ts")?, r.try_get("del")?));
         }
         Ok(out)
+    }
+
+    /// Changelog capture: the keys of one tenant with changes not yet in BigQuery (their
+    /// BigQuery state may lag the source). Empty under cursor capture.
+    pub async fn pending_keys(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+    ) -> Result<std::collections::HashSet<Vec<String>>> {
+        let Some(sql) = &plan.sql.pending_sql else {
+            return Ok(Default::default());
+        };
+        Ok(sqlx::query_scalar(sql)
+            .bind(organization_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Up to `limit` rows of one tenant below `horizon` with keys after `from` (inclusive or
@@ -459,7 +616,7 @@ impl SourceReader {
                 )));
             }
         }
-        let mut q = sqlx::query(&plan.range_sql)
+        let mut q = sqlx::query(&plan.sql.range_sql)
             .bind(organization_id)
             .bind(horizon)
             .bind(limit)
@@ -492,5 +649,6 @@ fn source_row(r: &sqlx::postgres::PgRow) -> Result<SourceRow> {
         cursor_ts: r.try_get("cts")?,
         tenant: r.try_get("tn")?,
         json: r.try_get("j")?,
+        seq: r.try_get("seq")?,
     })
 }

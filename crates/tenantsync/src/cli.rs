@@ -41,6 +41,9 @@ pub enum Command {
     /// Register and list source tables.
     #[command(subcommand)]
     Tables(TablesCmd),
+    /// Changelog capture in the source database: change table and triggers.
+    #[command(subcommand)]
+    Source(SourceCmd),
     /// Coordinator and worker in one process until interrupted (all-in-one mode).
     Run(RunArgs),
     /// Schedule: campaign for leadership and queue due tasks while leading.
@@ -271,6 +274,40 @@ pub enum TablesCmd {
     Disable(TableSwitch),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SourceCmd {
+    /// Create the change table and the trigger that fills it, for `tables add --capture
+    /// changelog` (idempotent). A new change table is seeded with every existing row.
+    InstallChangelog(InstallChangelog),
+    /// Remove the trigger, its function and the change table (idempotent).
+    UninstallChangelog(UninstallChangelog),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallChangelog {
+    /// Table name, or `schema.name` outside public.
+    pub table: String,
+    /// Key column(s); repeat for a composite key. Default: the primary key.
+    #[arg(long = "key")]
+    pub key: Vec<String>,
+    /// Column holding the tenant id.
+    #[arg(long, default_value = "organization_id")]
+    pub tenant_column: String,
+    /// Updates store only the columns that changed (for `--mode merge`).
+    #[arg(long)]
+    pub changed_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallChangelog {
+    /// Table name, or `schema.name` outside public.
+    pub table: String,
+    /// Uninstall even though a registered table reads the changelog (its sync stops with an
+    /// error until the changelog is installed again).
+    #[arg(long)]
+    pub force: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct TableSwitch {
     /// Table name, or `schema.name` outside public.
@@ -290,9 +327,14 @@ pub struct TablesAdd {
     /// Key column(s); repeat for a composite key. Default: the primary key.
     #[arg(long = "key")]
     pub key: Vec<String>,
-    /// Cursor column (timestamp or timestamptz, set on every write).
+    /// Cursor column (timestamp or timestamptz, set on every write). Unused with
+    /// `--capture changelog`.
     #[arg(long, default_value = "updated_at")]
     pub cursor: String,
+    /// How changes are found: keyset reads on the cursor column, or the change table of
+    /// `source install-changelog` (sees hard deletes; needed for `--mode merge`).
+    #[arg(long, default_value = "cursor", value_parser = ["cursor", "changelog"])]
+    pub capture: String,
     /// Column holding the tenant id.
     #[arg(long, default_value = "organization_id")]
     pub tenant_column: String,

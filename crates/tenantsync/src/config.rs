@@ -145,6 +145,8 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         "TENANTSYNC_COMPACT_WINDOW_S",
         c.compact_window.as_secs(),
     )?);
+    c.merge_every =
+        Duration::from_secs(parsed("TENANTSYNC_MERGE_EVERY_S", c.merge_every.as_secs())?);
     c.compact_every = Duration::from_secs(parsed(
         "TENANTSYNC_COMPACT_EVERY_S",
         c.compact_every.as_secs(),

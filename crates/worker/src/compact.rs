@@ -1,9 +1,10 @@
-//! Compaction of latest-mode tables: superseded versions older than the window are deleted,
-//! so a table that is updated often does not grow without bound. History-mode tables keep
-//! every version; merge mode is not built yet (see the README).
+//! Periodic work after a caught-up slice. Latest mode: compaction, superseded versions older
+//! than the window are deleted, so a table that is updated often does not grow without bound.
+//! Merge mode: the MERGE that rebuilds `<table>_final` from partial versions. History-mode
+//! tables keep every version and need neither.
 
 use crate::{Worker, WorkerError};
-use tenantsync_bigquery::schema::compact_sql;
+use tenantsync_bigquery::schema::{compact_sql, merge_sql};
 use tenantsync_core::{Mode, TableSpec, Tenant};
 use tenantsync_store::control::tasks::TaskId;
 use tracing::{info, warn};
@@ -12,15 +13,12 @@ impl Worker {
     /// After a caught-up slice: compact the task's table when its turn has come. Errors are
     /// logged, never fail the slice (the rows are in BigQuery either way).
     pub(crate) async fn compact_if_due(&self, task: TaskId, tenant: &Tenant, spec: &TableSpec) {
-        if spec.mode != Mode::Latest {
-            return;
-        }
-        match self
-            .deps
-            .control
-            .take_compaction_turn(task, self.cfg.compact_every)
-            .await
-        {
+        let every = match spec.mode {
+            Mode::Latest => self.cfg.compact_every,
+            Mode::Merge => self.cfg.merge_every,
+            Mode::History => return,
+        };
+        match self.deps.control.take_compaction_turn(task, every).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -28,9 +26,26 @@ impl Worker {
                 return;
             }
         }
-        if let Err(e) = self.compact(tenant, spec).await {
-            warn!(tenant = %tenant.slug, table = %spec.source_table, error = %e, "compaction failed; next turn in {:?}", self.cfg.compact_every);
+        let done = match spec.mode {
+            Mode::Merge => self.merge(tenant, spec).await,
+            _ => self.compact(tenant, spec).await,
+        };
+        if let Err(e) = done {
+            warn!(tenant = %tenant.slug, table = %spec.source_table, mode = %spec.mode, error = %e, "periodic compaction/merge failed; next turn in {every:?}");
         }
+    }
+
+    /// Merge mode: rebuild `<table>_final` (one full row per key) from the committed partial
+    /// versions. Every key is recomputed (see `merge_sql`): the cost grows with the table, which
+    /// is why it runs every `merge_every`, not after every slice.
+    pub async fn merge(&self, tenant: &Tenant, spec: &TableSpec) -> Result<(), WorkerError> {
+        let plan = self.plan(spec).await?;
+        let client = self.client(tenant).await?;
+        let sql = merge_sql(&client, &plan.table, &spec.key_columns, &plan.fields);
+        self.retry_bq("merge", tenant, || async { Ok(client.query(&sql).await?) })
+            .await?;
+        info!(tenant = %tenant.slug, table = %spec.source_table, "merged partial versions into _final");
+        Ok(())
     }
 
     /// Delete the superseded versions of a tenant's table synced before the compaction window.

@@ -54,6 +54,9 @@ pub struct WorkerConfig {
     pub compact_window: Duration,
     /// A task's table is compacted at most this often, after a caught-up slice.
     pub compact_every: Duration,
+    /// Merge mode: `<table>_final` is rebuilt at most this often per task, after a caught-up
+    /// slice (the MERGE reads every version of the table, so not after every slice).
+    pub merge_every: Duration,
 }
 
 impl WorkerConfig {
@@ -75,6 +78,7 @@ impl WorkerConfig {
             tenant_budget: Default::default(),
             compact_window: Duration::from_secs(3 * 3600),
             compact_every: Duration::from_secs(3600),
+            merge_every: Duration::from_secs(300),
         }
     }
 }

@@ -7,9 +7,9 @@ use tenantsync_bigquery::auth::parse_service_account;
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::crypto::MasterKey;
 use tenantsync_core::ident;
-use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_core::{Capture, Mode, TableSpec, Tenant};
 use tenantsync_store::control::{NewCredentials, NewTableSpec, NewTenant};
-use tenantsync_store::{ControlPlane, SlicePlan, SourceReader};
+use tenantsync_store::{changelog, ControlPlane, SlicePlan, SourceReader};
 
 #[derive(Debug)]
 pub struct TenantRequest {
@@ -117,7 +117,9 @@ pub async fn rotate_credentials(
 }
 
 /// Register a table after checking that it exists, that the key, cursor and tenant columns
-/// exist, and that every column maps to a BigQuery type.
+/// exist, that every column maps to a BigQuery type, and that its capture and mode fit: a
+/// changelog table needs `source install-changelog` first (with the same key and tenant
+/// column), and merge mode needs a changelog that stores changed columns only.
 pub async fn add_table(
     control: &ControlPlane,
     source: &SourceReader,
@@ -131,10 +133,17 @@ pub async fn add_table(
     ] {
         ident::sql_ident(what, v).map_err(invalid)?;
     }
-    if spec.mode == tenantsync_core::Mode::Merge {
+    if let Some(c) = &spec.soft_delete_column {
+        ident::sql_ident("soft-delete column", c).map_err(invalid)?;
+    }
+    if spec.mode == Mode::Merge && spec.capture != Capture::Changelog {
         return Err(invalid(
-            "mode merge is not built yet (partial rows merged into <table>_final); use latest or history"
-                .to_string(),
+            "mode merge needs changelog capture (--capture changelog): partial rows come from the change table",
+        ));
+    }
+    if spec.mode == Mode::Merge && spec.soft_delete_column.is_some() {
+        return Err(invalid(
+            "mode merge does not take --soft-delete: a partial update that leaves the column out cannot be told from one that clears it",
         ));
     }
     let columns = source
@@ -154,6 +163,9 @@ pub async fn add_table(
     for k in &spec.key_columns {
         ident::sql_ident("key column", k).map_err(invalid)?;
     }
+    if spec.capture == Capture::Changelog {
+        check_changelog(source, &spec).await?;
+    }
     let probe = TableSpec {
         id: 0,
         source_schema: spec.source_schema.clone(),
@@ -165,10 +177,42 @@ pub async fn add_table(
         enabled: true,
         sync_interval_ms: spec.sync_interval_ms,
         slice_rows: spec.slice_rows,
-        soft_delete_column: None,
+        soft_delete_column: spec.soft_delete_column.clone(),
+        capture: spec.capture,
     };
     SlicePlan::build(&probe, &columns)?;
     Ok(control.add_table(&spec).await?)
+}
+
+async fn check_changelog(source: &SourceReader, spec: &NewTableSpec) -> Result<(), WorkerError> {
+    let name = format!("{}.{}", spec.source_schema, spec.source_table);
+    let Some(c) =
+        changelog::installed(source.pool(), &spec.source_schema, &spec.source_table).await?
+    else {
+        return Err(invalid(format!(
+            "table {name} has no changelog; run `tenantsync source install-changelog {name}` first"
+        )));
+    };
+    if c.key_columns != spec.key_columns || c.tenant_column != spec.tenant_column {
+        return Err(invalid(format!(
+            "the changelog of {name} was installed for key ({}) and tenant column {}, not key ({}) and tenant column {}; install it again with matching options",
+            c.key_columns.join(", "),
+            c.tenant_column,
+            spec.key_columns.join(", "),
+            spec.tenant_column
+        )));
+    }
+    if spec.mode == Mode::Merge && !c.changed_only {
+        return Err(invalid(format!(
+            "mode merge needs a changelog that stores changed columns only; run `tenantsync source install-changelog {name} --changed-only`"
+        )));
+    }
+    if spec.mode != Mode::Merge && c.changed_only {
+        return Err(invalid(format!(
+            "the changelog of {name} stores changed columns only, which only mode merge can use; install it again without --changed-only"
+        )));
+    }
+    Ok(())
 }
 
 /// Map a column that marks rows deleted (`deleted_at`, `is_deleted`) to deletes, after

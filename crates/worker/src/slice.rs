@@ -5,11 +5,13 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tenantsync_bigquery::schema::{batches_fields, latest_view_sql, sync_table, BATCHES_TABLE};
+use tenantsync_bigquery::schema::{
+    batches_fields, final_fields, latest_view_sql, sync_fields, sync_table, BATCHES_TABLE,
+};
 use tenantsync_bigquery::{BigQuery, BqError, Credentials, Retry};
 use tenantsync_core::chunk;
 use tenantsync_core::insert_id::insert_id;
-use tenantsync_core::{TableSpec, Tenant, TenantStatus};
+use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::{Claim, Commit, Progress, RunRecord, TaskId, Watermark};
@@ -224,12 +226,22 @@ impl Worker {
             .await?;
         let change = sync_table(client, &plan.table, &plan.fields).await?;
         debug!(table = %plan.table, ?change, "schema synced");
-        client
-            .put_view(
-                &format!("{}_latest", plan.table),
-                &latest_view_sql(client, &plan.table, &spec.key_columns),
+        if spec.mode == Mode::Merge {
+            // Partial versions make a `_latest` view meaningless; `_final` is the merged table.
+            sync_fields(
+                client,
+                &format!("{}_final", plan.table),
+                final_fields(&plan.fields),
             )
             .await?;
+        } else {
+            client
+                .put_view(
+                    &format!("{}_latest", plan.table),
+                    &latest_view_sql(client, &plan.table, &spec.key_columns),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -350,6 +362,12 @@ impl Worker {
             }
         };
         let committed = self.deps.control.commit(&claim, &progress).await?;
+        if committed == Commit::Committed {
+            // The claim's watermark when the slice moved nothing: what an earlier failed
+            // prune left would otherwise keep the task marked changed forever.
+            let wm = progress.watermark.as_ref().unwrap_or(&claim.watermark);
+            self.prune_changes(&tenant, &spec, Some(wm)).await;
+        }
         let outcome_str = if committed == Commit::Fenced {
             "fenced"
         } else {
@@ -410,6 +428,34 @@ impl Worker {
             outcome,
             synced_through,
         })
+    }
+
+    /// Changelog capture: delete the changes the committed watermark has passed. A failure
+    /// only leaves them for the next slice (which reads past them) to delete.
+    async fn prune_changes(&self, tenant: &Tenant, spec: &TableSpec, wm: Option<&Watermark>) {
+        let (
+            Capture::Changelog,
+            Some(Watermark {
+                cursor: Some(txid),
+                key,
+            }),
+        ) = (spec.capture, wm)
+        else {
+            return;
+        };
+        let Some(seq) = key.first() else { return };
+        if let Err(e) = tenantsync_store::changelog::prune(
+            self.deps.source.pool(),
+            &spec.source_schema,
+            &spec.source_table,
+            &tenant.organization_id,
+            txid,
+            seq,
+        )
+        .await
+        {
+            warn!(error = %e, "cannot delete sent changes; the next slice will");
+        }
     }
 
     async fn pause_for_credentials(&self, tenant: &Tenant, e: &BqError) -> Result<(), WorkerError> {
@@ -573,10 +619,7 @@ impl Worker {
 
         let drained = acked == rows.len() && (rows.len() as i64) < limit;
         let last = acked.checked_sub(1).map(|i| &rows[i]);
-        let watermark = last.map(|r| Watermark {
-            cursor: Some(r.cursor.clone()),
-            key: r.key.clone(),
-        });
+        let watermark = last.map(SourceRow::watermark);
         // Everything below the horizon is in BigQuery when the slice drained; otherwise only
         // what precedes the last acknowledged row's cursor is known complete.
         let synced_through = if drained {
@@ -886,6 +929,7 @@ mod tests {
             cursor_ts: Utc::now(),
             tenant: Some("1".into()),
             json: r#"{"id":"7","name":"a}b","_op":"insert","_source_ts":"2024-01-01T00:00:00.000000Z"}"#.into(),
+            seq: None,
         };
         let p = payload(1, "contacts", &r, "1-2-3", "2024-01-01T00:00:01.000000Z");
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();

@@ -5,7 +5,8 @@
 //! `_source_ts` of the key's latest version in BigQuery. Content edited in BigQuery behind our
 //! back with the same version is not detected. Only rows the control plane says are confirmed
 //! (cursor below the task's synced-through point) are expected in BigQuery; newer ones are
-//! still on their way and are skipped on both sides.
+//! still on their way and are skipped on both sides. Changelog capture has no version column:
+//! presence only, skipping keys with changes still pending in the change table.
 
 use crate::slice::{payload, SendCtx};
 use crate::{Worker, WorkerError};
@@ -13,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::HashMap;
 use tenantsync_bigquery::BigQuery;
 use tenantsync_core::mapping::BqType;
-use tenantsync_core::{chunk, TableSpec, Tenant};
+use tenantsync_core::{chunk, Mode, TableSpec, Tenant};
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::source::{SlicePlan, SourceRow};
 use tokio_util::sync::CancellationToken;
@@ -103,8 +104,21 @@ impl Worker {
             .source
             .tenant_keys(&plan, &tenant.organization_id)
             .await?;
+        // Read after the keys: a key whose change was sent in between is no longer pending
+        // but is in BigQuery, so nothing is reported twice.
+        let pending = self
+            .deps
+            .source
+            .pending_keys(&plan, &tenant.organization_id)
+            .await?;
         let client = self.client(tenant).await?;
-        let mut bq = self.bigquery_keys(tenant, &client, &plan).await?;
+        if spec.mode == Mode::Merge {
+            // `_final` is rebuilt by the periodic MERGE; bring it up to date first.
+            self.merge(tenant, spec).await?;
+        }
+        let mut bq = self
+            .bigquery_keys(tenant, &client, &plan, spec.mode == Mode::Merge)
+            .await?;
         let mut v = Verification {
             tenant: tenant.slug.clone(),
             table: spec.source_table.clone(),
@@ -121,7 +135,7 @@ impl Worker {
             let (mut missing, mut stale) = (0, 0);
             for (key, ts, deleted) in block {
                 let in_bq = bq.remove(key);
-                if *ts >= before {
+                if ts.is_some_and(|ts| ts >= before) || pending.contains(key) {
                     continue; // not confirmed yet: on its way
                 }
                 v.compared += 1;
@@ -130,7 +144,7 @@ impl Worker {
                     Some(_) if *deleted => stale += 1,
                     None if *deleted => {}
                     None => missing += 1,
-                    Some(b) if b != *ts => stale += 1,
+                    Some(b) if ts.is_some_and(|ts| b != ts) => stale += 1,
                     Some(_) => {}
                 }
             }
@@ -143,18 +157,20 @@ impl Worker {
                 });
             }
         }
-        let mut extra: Vec<Vec<String>> = bq.into_keys().collect();
+        let mut extra: Vec<Vec<String>> = bq.into_keys().filter(|k| !pending.contains(k)).collect();
         extra.sort();
         v.extra = extra;
         Ok(v)
     }
 
-    /// Key (as text, like Postgres renders it) → `_source_ts` in microseconds, from `_latest`.
+    /// Key (as text, like Postgres renders it) → `_source_ts` in microseconds, from `_latest`
+    /// (`_final` for merge mode).
     async fn bigquery_keys(
         &self,
         tenant: &Tenant,
         client: &BigQuery,
         plan: &SlicePlan,
+        spec_mode_is_merge: bool,
     ) -> Result<HashMap<Vec<String>, i64>, WorkerError> {
         let cols: Vec<String> = plan
             .key_columns
@@ -164,7 +180,15 @@ impl Worker {
         let sql = format!(
             "SELECT {}, _source_ts FROM {}",
             cols.join(", "),
-            client.qualified(&format!("{}_latest", plan.table))
+            client.qualified(&format!(
+                "{}{}",
+                plan.table,
+                if spec_mode_is_merge {
+                    "_final"
+                } else {
+                    "_latest"
+                }
+            ))
         );
         let rows = self
             .retry_bq("verify query", tenant, || async {
@@ -274,6 +298,7 @@ impl Worker {
                     cursor_ts: now,
                     tenant: Some(tenant.organization_id.clone()),
                     json: serde_json::Value::Object(obj).to_string(),
+                    seq: None,
                 }
             })
             .collect();

@@ -119,6 +119,8 @@ async fn register(env: &TestEnv, p: &Params) -> Result<()> {
                 mode: Mode::Latest,
                 sync_interval_ms: p.interval_ms,
                 slice_rows: 20_000,
+                soft_delete_column: None,
+                capture: Default::default(),
             },
         )
         .await?;

@@ -125,6 +125,8 @@ async fn register(env: &TestEnv, p: &Params) -> Result<Vec<(i64, String)>> {
             mode: Mode::Latest,
             sync_interval_ms: 1000,
             slice_rows: p.slice_rows,
+            soft_delete_column: None,
+            capture: Default::default(),
         },
     )
     .await?;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tenantsync_core::crypto::Sealed;
-use tenantsync_core::{Mode, TableSpec, Tenant, TenantStatus};
+use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
@@ -41,6 +41,9 @@ pub struct NewTableSpec {
     pub mode: Mode,
     pub sync_interval_ms: i32,
     pub slice_rows: i32,
+    /// Checked with the rest of the spec before anything is saved.
+    pub soft_delete_column: Option<String>,
+    pub capture: Capture,
 }
 
 /// One line of `tenantsync status`.
@@ -85,6 +88,7 @@ fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
 
 fn spec_from_row(r: &sqlx::postgres::PgRow) -> Result<TableSpec> {
     let mode: String = r.try_get("mode")?;
+    let capture: String = r.try_get("capture")?;
     Ok(TableSpec {
         id: r.try_get("id")?,
         source_schema: r.try_get("source_schema")?,
@@ -97,6 +101,7 @@ fn spec_from_row(r: &sqlx::postgres::PgRow) -> Result<TableSpec> {
         sync_interval_ms: r.try_get("sync_interval_ms")?,
         slice_rows: r.try_get("slice_rows")?,
         soft_delete_column: r.try_get("soft_delete_column")?,
+        capture: capture.parse().map_err(StoreError::Invalid)?,
     })
 }
 
@@ -295,8 +300,9 @@ impl ControlPlane {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "INSERT INTO table_specs (source_schema, source_table, key_columns, cursor_column,
-                                      tenant_column, mode, sync_interval_ms, slice_rows)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+                                      tenant_column, mode, sync_interval_ms, slice_rows,
+                                      soft_delete_column, capture)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
         )
         .bind(&s.source_schema)
         .bind(&s.source_table)
@@ -306,6 +312,8 @@ impl ControlPlane {
         .bind(s.mode.as_str())
         .bind(s.sync_interval_ms)
         .bind(s.slice_rows)
+        .bind(&s.soft_delete_column)
+        .bind(s.capture.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match StoreError::from(e) {

@@ -39,6 +39,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 mode: Mode::Latest,
                 sync_interval_ms: 500,
                 slice_rows: 20_000,
+                soft_delete_column: None,
+                capture: Default::default(),
             },
         )
         .await?;

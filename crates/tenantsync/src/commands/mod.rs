@@ -3,6 +3,7 @@
 
 mod admin;
 mod demo;
+mod source;
 mod verify;
 
 use crate::cli::{Cli, Command, ListArgs, RunArgs, TablesCmd, TenantCmd};
@@ -152,28 +153,30 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     mode: a.mode.parse().map_err(anyhow::Error::msg)?,
                     sync_interval_ms: a.interval_ms,
                     slice_rows: a.slice_rows,
+                    soft_delete_column: a.soft_delete,
+                    capture: a.capture.parse().map_err(anyhow::Error::msg)?,
                 },
             )
             .await?;
-            let spec = match a.soft_delete.as_deref() {
-                Some(col) => onboard::set_soft_delete(&control, &source, spec, Some(col)).await?,
-                None => spec,
-            };
             control
                 .audit(
                     &cli_actor(),
                     "table.add",
                     Some(&format!("{}.{}", spec.source_schema, spec.source_table)),
                     serde_json::json!({"mode": spec.mode.to_string(), "tenant_column": spec.tenant_column,
-                                       "soft_delete_column": spec.soft_delete_column}),
+                                       "soft_delete_column": spec.soft_delete_column,
+                                       "capture": spec.capture.to_string()}),
                 )
                 .await?;
+            let capture = match spec.capture {
+                tenantsync_core::Capture::Cursor => format!("cursor {}", spec.cursor_column),
+                tenantsync_core::Capture::Changelog => "changelog capture".to_string(),
+            };
             println!(
-                "table {}.{} registered (key {}, cursor {}, tenant column {}, mode {})",
+                "table {}.{} registered (key {}, {capture}, tenant column {}, mode {})",
                 spec.source_schema,
                 spec.source_table,
                 spec.key_columns.join(","),
-                spec.cursor_column,
                 spec.tenant_column,
                 spec.mode
             );
@@ -217,6 +220,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Audit(a) => admin::audit(a).await?,
         Command::AdminApi => return admin::serve_api().await,
         Command::Demo(d) => return demo::run(d).await,
+        Command::Source(cmd) => source::run(cmd).await?,
         Command::Dlq(cmd) => return dlq(cmd).await,
         Command::Verify(v) => return verify::verify(v).await,
         Command::Resync(r) => return verify::resync(r).await,
