@@ -186,12 +186,24 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_list(
                 &l,
                 &tables,
-                &["TABLE", "KEY", "CURSOR", "TENANT COLUMN", "MODE", "ENABLED"],
+                &[
+                    "TABLE",
+                    "KEY",
+                    "CAPTURE",
+                    "TENANT COLUMN",
+                    "MODE",
+                    "ENABLED",
+                ],
                 |s| {
                     vec![
                         format!("{}.{}", s.source_schema, s.source_table),
                         s.key_columns.join(","),
-                        s.cursor_column.clone(),
+                        match s.capture {
+                            tenantsync_core::Capture::Cursor => {
+                                format!("cursor {}", s.cursor_column)
+                            }
+                            tenantsync_core::Capture::Changelog => "changelog".to_string(),
+                        },
                         s.tenant_column.clone(),
                         s.mode.to_string(),
                         s.enabled.to_string(),
