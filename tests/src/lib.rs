@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod http;
+pub mod interleave;
 pub mod sink;
 
 use anyhow::{Context, Result};

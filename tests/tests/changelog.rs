@@ -2,10 +2,10 @@
 //! with hard deletes and tenant moves under transactions that commit out of order, and merge
 //! mode rebuilding full rows from partial ones.
 
-use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
+use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
+use tenantsync_tests::interleave::{bq_pairs, pg_pairs, sync_while_writing};
 use tenantsync_tests::{cell, scalar_i64, TestEnv};
 use tenantsync_worker::NoHooks;
 
@@ -121,50 +121,16 @@ async fn install_is_idempotent_checked_and_reversible() {
     env.cleanup().await.unwrap();
 }
 
-/// One writer: transactions of 1–5 random operations (insert, update, hard delete, and moving
-/// a row to another tenant), held open for a random time so later-started ones often commit
-/// first, about one in ten rolled back.
-async fn writer(pool: sqlx::PgPool, seed: u64, until: std::time::Instant) -> anyhow::Result<u64> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut ops = 0;
-    while std::time::Instant::now() < until {
-        let mut tx = pool.begin().await?;
-        for _ in 0..rng.gen_range(1..=5) {
-            let org = TENANTS[rng.gen_range(0..TENANTS.len())];
-            let v: i32 = rng.gen_range(0..1_000_000);
-            let pick =
-                "(SELECT id FROM items WHERE organization_id = $1 ORDER BY random() LIMIT 1)";
-            let sql = match rng.gen_range(0..20) {
-                0..=7 => "INSERT INTO items (organization_id, v) VALUES ($1, $2)".to_string(),
-                8..=13 => format!("UPDATE items SET v = $2 WHERE id = {pick}"),
-                14..=18 => format!("DELETE FROM items WHERE id = {pick} AND $2 >= 0"),
-                // The row leaves this tenant's dataset and appears in the next one's.
-                _ => format!(
-                    "UPDATE items SET organization_id = 1 + $1 % 4, v = $2 WHERE id = {pick}"
-                ),
-            };
-            sqlx::query(&sql)
-                .bind(org)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
-            ops += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
-        if rng.gen_range(0..10) == 0 {
-            tx.rollback().await?;
-        } else {
-            tx.commit().await?;
-        }
+/// Inserts, updates, hard deletes, and moving a row to another tenant.
+fn pick(rng: &mut rand::rngs::StdRng) -> String {
+    let row = "(SELECT id FROM items WHERE organization_id = $1 ORDER BY random() LIMIT 1)";
+    match rng.gen_range(0..20) {
+        0..=7 => "INSERT INTO items (organization_id, v) VALUES ($1, $2)".to_string(),
+        8..=13 => format!("UPDATE items SET v = $2 WHERE id = {row}"),
+        14..=18 => format!("DELETE FROM items WHERE id = {row} AND $2 >= 0"),
+        // The row leaves this tenant's dataset and appears in the next one's.
+        _ => format!("UPDATE items SET organization_id = 1 + $1 % 4, v = $2 WHERE id = {row}"),
     }
-    Ok(ops)
-}
-
-fn as_i64(v: &serde_json::Value) -> i64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .or(v.as_i64())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -187,19 +153,9 @@ async fn hard_deletes_and_out_of_order_commits_end_with_zero_drift() {
         tenants.push(env.add_tenant(&format!("org-{o}"), o).await.unwrap());
     }
 
-    let run = env.spawn("run", &["run"], &[]);
-    let until = std::time::Instant::now() + Duration::from_secs(12);
-    let writers: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(writer(env.source_pool().clone(), 2000 + i, until)))
-        .collect();
-    let mut ops = 0;
-    for w in writers {
-        ops += w.await.unwrap().unwrap();
-    }
-    env.wait_synced_through(chrono::Utc::now(), Duration::from_secs(120))
+    let ops = sync_while_writing(&env, &TENANTS, 2000, pick, Duration::from_secs(120))
         .await
         .unwrap();
-    drop(run);
 
     // Every change was sent and then deleted from the change table.
     assert_eq!(
@@ -216,28 +172,15 @@ async fn hard_deletes_and_out_of_order_commits_end_with_zero_drift() {
 
     let mut deletes = 0;
     for (t, org) in tenants.iter().zip(TENANTS) {
-        let pg: BTreeMap<i64, i64> =
-            sqlx::query_as::<_, (i64, i32)>("SELECT id, v FROM items WHERE organization_id = $1")
-                .bind(org)
-                .fetch_all(env.source_pool())
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(id, v)| (id, i64::from(v)))
-                .collect();
+        let pg = pg_pairs(
+            env.source_pool(),
+            "SELECT id, v FROM items WHERE organization_id = $1",
+            org,
+        )
+        .await
+        .unwrap();
         let bq = env.bq(t).await.unwrap();
-        let rows = bq
-            .query(&format!(
-                "SELECT id, v FROM {}",
-                bq.qualified("items_latest")
-            ))
-            .await
-            .unwrap();
-        let latest: BTreeMap<i64, i64> = rows
-            .iter()
-            .map(|r| (as_i64(&r[0]), as_i64(&r[1])))
-            .collect();
-        assert_eq!(latest.len(), rows.len(), "{}: a key twice", t.slug);
+        let latest = bq_pairs(&bq, "items_latest").await.unwrap();
         assert!(
             latest == pg,
             "{}: _latest differs from Postgres ({} vs {} rows)",
