@@ -94,11 +94,8 @@ impl Worker {
         let checked_before = self
             .deps
             .control
-            .status()
-            .await?
-            .into_iter()
-            .find(|r| r.tenant_id == tenant.id && r.table_id == spec.id)
-            .and_then(|r| r.synced_through);
+            .task_synced_through(tenant.id, spec.id)
+            .await?;
         let source = self
             .deps
             .source

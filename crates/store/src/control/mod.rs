@@ -364,6 +364,24 @@ impl ControlPlane {
     /// Per tenant and table: rows synced, watermark, lag (computed here from `synced_through`
     /// and change-detection coverage, so it keeps growing when no worker or coordinator runs),
     /// last error.
+    /// The point one task is confirmed through (what `status` shows as synced through).
+    pub async fn task_synced_through(
+        &self,
+        tenant_id: i64,
+        table_id: i64,
+    ) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT effective_synced_through(s, cs) FROM sync_state s
+             LEFT JOIN change_scans cs ON cs.table_id = s.table_id
+             WHERE s.tenant_id = $1 AND s.table_id = $2",
+        )
+        .bind(tenant_id)
+        .bind(table_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
     pub async fn status(&self) -> Result<Vec<StatusRow>> {
         let rows = sqlx::query(
             "SELECT s.tenant_id, s.table_id, tn.organization_id, tn.slug, tn.status, ts.source_table, ts.source_schema, s.rows_synced,
