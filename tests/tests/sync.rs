@@ -52,7 +52,11 @@ async fn each_tenant_gets_only_its_rows_and_latest_equals_postgres() {
     for _ in 0..20 {
         generator.step(60).await.unwrap();
     }
-    let worker = env.worker();
+    // Pages of 64 rows: every backfill slice is read and sent in several pages, and the
+    // watermark must still move exactly past what was sent.
+    let mut cfg = env.worker_config();
+    cfg.page_rows = 64;
+    let worker = env.worker_with(cfg, std::sync::Arc::new(tenantsync_worker::NoHooks));
     let first = env.sync_once(&worker).await.unwrap();
     assert!(first.rows > 500, "backfill synced only {} rows", first.rows);
     // More inserts and updates on top: the watermark must continue, updates must win in _latest.

@@ -145,6 +145,7 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         "TENANTSYNC_COMPACT_WINDOW_S",
         c.compact_window.as_secs(),
     )?);
+    c.page_rows = parsed("TENANTSYNC_PAGE_ROWS", c.page_rows)?.max(1);
     c.merge_every =
         Duration::from_secs(parsed("TENANTSYNC_MERGE_EVERY_S", c.merge_every.as_secs())?);
     c.compact_every = Duration::from_secs(parsed(

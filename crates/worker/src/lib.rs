@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     /// Merge mode: `<table>_final` is rebuilt at most this often per task, after a caught-up
     /// slice (the MERGE reads every version of the table, so not after every slice).
     pub merge_every: Duration,
+    /// A slice is read and sent this many rows at a time: bounds memory per running slice.
+    pub page_rows: i32,
 }
 
 impl WorkerConfig {
@@ -79,6 +81,7 @@ impl WorkerConfig {
             compact_window: Duration::from_secs(3 * 3600),
             compact_every: Duration::from_secs(3600),
             merge_every: Duration::from_secs(300),
+            page_rows: 2000,
         }
     }
 }
