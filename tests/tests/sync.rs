@@ -361,3 +361,46 @@ async fn a_column_type_without_mapping_is_named_when_the_table_is_added() {
     );
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_wider_than_one_json_object_arrives_whole() {
+    // 60 columns: more than one json_build_object call (100 arguments at most) renders the row.
+    let env = TestEnv::new().await.unwrap();
+    let cols: Vec<String> = (0..60).map(|i| format!("c{i} int")).collect();
+    let vals: Vec<String> = (0..60).map(|i| format!("{}", i * 10)).collect();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE wide (id bigint PRIMARY KEY, organization_id bigint NOT NULL, {},
+                            tags text[], updated_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO wide VALUES (1, 1, {}, ARRAY['a', NULL, 'b'], now() - interval '1 minute');
+         INSERT INTO wide (id, organization_id, updated_at) VALUES (2, 1, now() - interval '1 minute');",
+        cols.join(", "),
+        vals.join(", ")
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    env.add_table("wide", "organization_id").await.unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    env.sync_once(&env.worker()).await.unwrap();
+    let bq = env.bq(&t).await.unwrap();
+    let rows = bq
+        .query(&format!(
+            "SELECT id, c0, c49, c50, c59, ARRAY_LENGTH(tags), _op FROM {} ORDER BY id",
+            bq.qualified("wide_latest")
+        ))
+        .await
+        .unwrap();
+    let got: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..7).map(|i| cell(r, i)).collect())
+        .collect();
+    // NULL elements are dropped and a NULL array arrives empty.
+    assert_eq!(
+        got,
+        [
+            ["1", "0", "490", "500", "590", "2", "upsert"],
+            ["2", "NULL", "NULL", "NULL", "NULL", "0", "upsert"]
+        ]
+    );
+    env.cleanup().await.unwrap();
+}
