@@ -545,3 +545,47 @@ impl tenantsync_worker::Hooks for CrashOnceAt {
         at == self.point && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// Fail if any of `texts` (what, text) holds any of `secrets` (name, value) or a PEM private
+/// key. The message names both, never the value.
+pub fn assert_no_secrets(texts: &[(&str, &str)], secrets: &[(&str, &str)]) {
+    for (what, text) in texts {
+        for (secret, value) in secrets {
+            assert!(!text.contains(value), "{secret} found in {what}");
+        }
+        assert!(
+            !text.contains("BEGIN PRIVATE KEY"),
+            "a private key found in {what}"
+        );
+    }
+}
+
+impl TestEnv {
+    /// `tenantsync tenant add <slug> --organization-id <org>` with this test's project, the
+    /// dataset named after the slug, and the key in `key_file`; extra environment as
+    /// [`Self::cli_with`].
+    pub fn cli_tenant_add(
+        &self,
+        slug: &str,
+        org: i64,
+        key_file: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> (bool, String) {
+        self.cli_with(
+            &[
+                "tenant",
+                "add",
+                slug,
+                "--organization-id",
+                &org.to_string(),
+                "--project",
+                &self.project,
+                "--dataset",
+                &self.dataset(&slug.replace('-', "_")),
+                "--credentials-file",
+                key_file.to_str().expect("key file path is UTF-8"),
+            ],
+            extra,
+        )
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tenantsync_bigquery::Endpoint;
 use tenantsync_core::TenantStatus;
 use tenantsync_tests::http::{forward, serve, Request, Response};
-use tenantsync_tests::{captured_logs, scalar_i64, TestEnv};
+use tenantsync_tests::{assert_no_secrets, captured_logs, scalar_i64, TestEnv};
 use tenantsync_worker::onboard::{add_tenant, TenantRequest};
 
 /// Method, path and Authorization header of a request the proxy forwarded.
@@ -46,6 +46,18 @@ struct Fixture {
     pubkey: rsa::RsaPublicKey,
     email: String,
     token_uri: String,
+}
+
+impl Fixture {
+    fn assert_secret_free(&self, texts: &[(&str, &str)]) {
+        assert_no_secrets(
+            texts,
+            &[
+                ("private key material", &self.secret_marker),
+                ("access token", &self.token),
+            ],
+        );
+    }
 }
 
 async fn fixture(upstream: String) -> Fixture {
@@ -254,30 +266,13 @@ async fn credentials_are_stored_encrypted_and_appear_in_no_log_or_output() {
         secrecy::ExposeSecret::expose_secret(&fx.key_json),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        env.cli_with(
-            args,
-            &[
-                ("BIGQUERY_EMULATOR_HOST", fx.proxy_url.as_str()),
-                ("TENANTSYNC_LOG", "debug"),
-                ("TENANTSYNC_CURSOR_SKEW_MS", "50"),
-            ],
-        )
-    };
-    let dataset = env.dataset("ngo_a");
-    let (ok, add_out) = run(&[
-        "tenant",
-        "add",
-        "ngo-a",
-        "--organization-id",
-        "1",
-        "--project",
-        &env.project,
-        "--dataset",
-        &dataset,
-        "--credentials-file",
-        key_file.to_str().unwrap(),
-    ]);
+    let extra = &[
+        ("BIGQUERY_EMULATOR_HOST", fx.proxy_url.as_str()),
+        ("TENANTSYNC_LOG", "debug"),
+        ("TENANTSYNC_CURSOR_SKEW_MS", "50"),
+    ];
+    let run = |args: &[&str]| env.cli_with(args, extra);
+    let (ok, add_out) = env.cli_tenant_add("ngo-a", 1, &key_file, extra);
     assert!(ok, "tenant add failed: {add_out}");
     let (ok, run_out) = run(&["run", "--once"]);
     assert!(ok, "run --once failed: {run_out}");
@@ -289,19 +284,7 @@ async fn credentials_are_stored_encrypted_and_appear_in_no_log_or_output() {
     let broken = secrecy::ExposeSecret::expose_secret(&fx.key_json)
         .replace("BEGIN PRIVATE KEY", "BEGIN PRIVATE KEX");
     std::fs::write(&key_file, &broken).unwrap();
-    let (ok, bad_out) = run(&[
-        "tenant",
-        "add",
-        "ngo-b",
-        "--organization-id",
-        "2",
-        "--project",
-        &env.project,
-        "--dataset",
-        &env.dataset("ngo_b"),
-        "--credentials-file",
-        key_file.to_str().unwrap(),
-    ]);
+    let (ok, bad_out) = env.cli_tenant_add("ngo-b", 2, &key_file, extra);
     assert!(!ok && bad_out.contains("PEM"), "{bad_out}");
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(
@@ -329,24 +312,14 @@ async fn credentials_are_stored_encrypted_and_appear_in_no_log_or_output() {
     .await
     .unwrap();
     assert!(dump.contains("ngo-a"));
-    for (what, text) in [
-        ("database", dump),
-        ("tenant add", add_out),
-        ("run", run_out),
-        ("tenant list", list_out),
-        ("bad key", bad_out),
-        ("test logs", captured_logs()),
-    ] {
-        assert!(
-            !text.contains(&fx.secret_marker),
-            "private key material found in {what}"
-        );
-        assert!(
-            !text.contains("BEGIN PRIVATE KEY"),
-            "private key found in {what}"
-        );
-        assert!(!text.contains(&fx.token), "access token found in {what}");
-    }
+    fx.assert_secret_free(&[
+        ("database", &dump),
+        ("tenant add", &add_out),
+        ("run", &run_out),
+        ("tenant list", &list_out),
+        ("bad key", &bad_out),
+        ("test logs", &captured_logs()),
+    ]);
     env.cleanup().await.unwrap();
 }
 
@@ -521,22 +494,8 @@ async fn malformed_and_insufficient_keys_are_refused_by_name_and_nothing_is_save
     let mut outputs = Vec::new();
     for (what, key, host, expect) in &cases {
         std::fs::write(&key_file, key).unwrap();
-        let (ok, out) = env.cli_with(
-            &[
-                "tenant",
-                "add",
-                "ngo-a",
-                "--organization-id",
-                "1",
-                "--project",
-                &env.project,
-                "--dataset",
-                &env.dataset("ngo_a"),
-                "--credentials-file",
-                key_file.to_str().unwrap(),
-            ],
-            &[("BIGQUERY_EMULATOR_HOST", host)],
-        );
+        let (ok, out) =
+            env.cli_tenant_add("ngo-a", 1, &key_file, &[("BIGQUERY_EMULATOR_HOST", host)]);
         assert!(!ok, "{what}: accepted");
         assert!(
             out.contains(expect),
@@ -555,20 +514,10 @@ async fn malformed_and_insufficient_keys_are_refused_by_name_and_nothing_is_save
 
     // Rotation refuses the same keys and keeps the working one.
     std::fs::write(&key_file, &good).unwrap();
-    let (ok, out) = env.cli_with(
-        &[
-            "tenant",
-            "add",
-            "ngo-a",
-            "--organization-id",
-            "1",
-            "--project",
-            &env.project,
-            "--dataset",
-            &env.dataset("ngo_a"),
-            "--credentials-file",
-            key_file.to_str().unwrap(),
-        ],
+    let (ok, out) = env.cli_tenant_add(
+        "ngo-a",
+        1,
+        &key_file,
         &[("BIGQUERY_EMULATOR_HOST", fx.proxy_url.as_str())],
     );
     assert!(ok, "{out}");
@@ -592,16 +541,6 @@ async fn malformed_and_insufficient_keys_are_refused_by_name_and_nothing_is_save
     assert_eq!(env.control.credentials(1).await.unwrap().unwrap(), stored);
     std::fs::remove_dir_all(&dir).unwrap();
     let all = outputs.join("\n");
-    for (what, text) in [("cli output", &all), ("test logs", &captured_logs())] {
-        assert!(
-            !text.contains(&fx.secret_marker),
-            "private key material found in {what}"
-        );
-        assert!(
-            !text.contains("BEGIN PRIVATE KEY"),
-            "private key found in {what}"
-        );
-        assert!(!text.contains(&fx.token), "access token found in {what}");
-    }
+    fx.assert_secret_free(&[("cli output", &all), ("test logs", &captured_logs())]);
     env.cleanup().await.unwrap();
 }

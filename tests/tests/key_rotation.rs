@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tenantsync_core::crypto::MasterKey;
 use tenantsync_tests::http::{serve, Request, Response};
-use tenantsync_tests::{captured_logs, TestEnv};
+use tenantsync_tests::{assert_no_secrets, captured_logs, TestEnv};
 
 /// A service-account key for `email` whose token_uri is `token_uri`, and one line of its
 /// private key (to scan for).
@@ -130,19 +130,7 @@ async fn credential_and_master_key_rotation_while_syncing_lose_nothing() {
     let mut outputs = Vec::new();
 
     // Onboarded under the old master key, as it was before the rotation began.
-    let (ok, out) = env.cli(&[
-        "tenant",
-        "add",
-        "ngo-a",
-        "--organization-id",
-        "1",
-        "--project",
-        &env.project,
-        "--dataset",
-        &env.dataset("ngo_a"),
-        "--credentials-file",
-        first_file.to_str().unwrap(),
-    ]);
+    let (ok, out) = env.cli_tenant_add("ngo-a", 1, &first_file, &[]);
     assert!(ok, "tenant add: {out}");
     outputs.push(out);
     let b = env.add_tenant("ngo-b", 2).await.unwrap();
@@ -290,26 +278,21 @@ async fn credential_and_master_key_rotation_while_syncing_lose_nothing() {
     .fetch_one(env.control.pool())
     .await
     .unwrap();
-    for (what, text) in [
-        ("cli output", &all),
-        ("worker log", &log),
-        ("test logs", &logs),
-        ("control plane", &dump),
-    ] {
-        for (secret, s) in [
-            ("old master key", old_b64.as_str()),
-            ("new master key", new_b64.as_str()),
-            ("first private key", first_marker.as_str()),
-            ("second private key", second_marker.as_str()),
-            ("access token", access_token.as_str()),
-        ] {
-            assert!(!text.contains(s), "{secret} found in {what}");
-        }
-        assert!(
-            !text.contains("BEGIN PRIVATE KEY"),
-            "a private key found in {what}"
-        );
-    }
+    assert_no_secrets(
+        &[
+            ("cli output", &all),
+            ("worker log", &log),
+            ("test logs", &logs),
+            ("control plane", &dump),
+        ],
+        &[
+            ("old master key", &old_b64),
+            ("new master key", &new_b64),
+            ("first private key", &first_marker),
+            ("second private key", &second_marker),
+            ("access token", &access_token),
+        ],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     env.cleanup().await.unwrap();
 }
