@@ -290,6 +290,7 @@ async fn run(
     backfill.print_cpu("initial sync");
 
     // The measured phase.
+    let dbs_measured = dbs.clone();
     let meter = Meter::start(admin.clone(), dbs).await;
     for (name, c) in children.iter() {
         meter.watch(name, c.id());
@@ -299,10 +300,14 @@ async fn run(
     }
     sink.reset();
     sink.record_lag(true);
+    let xacts_before = xacts(&admin, &dbs_measured).await?;
     let t_start = chrono::Utc::now();
     let written = write(env, p).await?;
     let t_end = chrono::Utc::now();
     let writes_meter = meter.finish().await;
+    // Backends report their counters after at most a second of idling.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let xacts_after = xacts(&admin, &dbs_measured).await?;
     // Drain: wait until every row written is acknowledged, or give up.
     let t_drain = Instant::now();
     let mut acked: HashMap<String, (i64, i64)> = HashMap::new();
@@ -382,9 +387,41 @@ async fn run(
     for (w, n, rows, ms) in slices {
         println!("  {w}: {n} slices, {rows:.2} rows/slice, {ms:.1} ms/slice");
     }
+    let (window_slices,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sync_runs WHERE started_at >= $1 AND started_at < $2")
+            .bind(t_start)
+            .bind(t_end)
+            .fetch_one(env.control.pool())
+            .await?;
+    // Every statement outside a transaction block is a transaction of its own, so these are
+    // statements; the source's include the writers' inserts (subtracted) and, like the control
+    // plane's, the coordinator's few per tick.
+    let ctl = xacts_after[0] - xacts_before[0];
+    let src = xacts_after[1] - xacts_before[1] - written as i64;
+    println!(
+        "  during the writes: {window_slices} slices ({:.0}/s); transactions per slice: control plane {:.2}, source {:.2}",
+        window_slices as f64 / ((t_end - t_start).num_milliseconds() as f64 / 1000.0),
+        ctl as f64 / window_slices.max(1) as f64,
+        src as f64 / window_slices.max(1) as f64
+    );
     for (label, _, rss) in &writes_meter.procs {
         println!("  peak RSS {label}: {rss:.1} MB");
     }
     writes_meter.print_cpu("writes");
     Ok(())
+}
+
+/// Committed plus rolled-back transactions of each database, in the order given.
+async fn xacts(admin: &sqlx::PgPool, dbs: &[String]) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(dbs.len());
+    for db in dbs {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(db)
+        .fetch_one(admin)
+        .await?;
+        out.push(n);
+    }
+    Ok(out)
 }
