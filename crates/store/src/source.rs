@@ -28,6 +28,17 @@ pub struct SourceRow {
     pub json: String,
 }
 
+/// A scalar subquery: a fingerprint of the columns (names, types, order) of the relation
+/// `regclass` in the catalog. A plan built from other columns than the table has now is stale.
+fn catalog_fingerprint(regclass: &str) -> String {
+    format!(
+        "(SELECT md5(string_agg(a.attname || ' ' || a.atttypid::text || ' ' || a.atttypmod::text,
+                                ',' ORDER BY a.attnum))
+          FROM pg_attribute a
+          WHERE a.attrelid = {regclass} AND a.attnum > 0 AND NOT a.attisdropped)"
+    )
+}
+
 /// Everything needed to read slices of one table: its BigQuery schema and two prepared SQL
 /// texts (first slice, and after a watermark). Built once per table and schema version.
 #[derive(Debug, Clone)]
@@ -38,6 +49,10 @@ pub struct SlicePlan {
     /// Fingerprint of what lands in BigQuery (fields and key columns): when it matches the one
     /// stored for a task, the task's table and views need no calls.
     pub schema_hash: String,
+    /// The catalog fingerprint of the columns the plan was built from, when known: a slice read
+    /// that finds another one fails with [`StoreError::CatalogChanged`] instead of sending rows
+    /// without a column added since (see [`SourceReader::catalog`]).
+    pub catalog: Option<String>,
     first_sql: String,
     next_sql: String,
     /// Rows of one tenant in a key range, in key order (resync and repair).
@@ -143,16 +158,24 @@ impl SlicePlan {
             .chain(keys.iter().map(|k| q(k)))
             .collect();
         let key_text: Vec<String> = keys.iter().map(|k| format!("({})::text", q(k))).collect();
+        let regclass = format!(
+            "{}.{}",
+            quote_pg(&spec.source_schema),
+            quote_pg(&spec.source_table)
+        );
+        // The fingerprint is uncorrelated: Postgres computes it once per read, not per row.
         let base = format!(
             "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, ({tn})::text AS tn,
                     ({cur_tz}) AS cts,
-                    (SELECT row_to_json(r)::text FROM (SELECT {exprs}) r) AS j
+                    (SELECT row_to_json(r)::text FROM (SELECT {exprs}) r) AS j,
+                    {catalog} AS catalog
              FROM {schema}.{table} t
              WHERE {tn} = $1::text::{tn_type} AND {cur} < {horizon}",
             key_text = key_text.join(", "),
             tn = q(tenant),
             tn_type = tenant.sql_type,
             exprs = exprs.join(", "),
+            catalog = catalog_fingerprint(&format!("'{}'::regclass", regclass.replace('\'', "''"))),
             schema = quote_pg(&spec.source_schema),
             table = quote_pg(&spec.source_table),
         );
@@ -248,6 +271,7 @@ impl SlicePlan {
         };
         Ok(Self {
             schema_hash,
+            catalog: None,
             changed_sql,
             backlog_sql,
             table: spec.bq_table(),
@@ -272,13 +296,24 @@ impl SourceReader {
 
     /// Columns of `schema.table` from the catalog, in table order.
     pub async fn columns(&self, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
+        Ok(self.catalog(schema, table).await?.0)
+    }
+
+    /// Columns of `schema.table` from the catalog, in table order, and their fingerprint (for
+    /// [`SlicePlan::catalog`]). The fingerprint is read first: should the table change between
+    /// the two reads, the plan holds an older fingerprint than its columns, and the next read
+    /// only builds the plan again. The other order could pair old columns with a new fingerprint.
+    pub async fn catalog(&self, schema: &str, table: &str) -> Result<(Vec<PgColumn>, String)> {
         sql_ident("schema", schema).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sql_ident("table", table).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let regclass = format!("{}.{}", quote_pg(schema), quote_pg(table));
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(&regclass)
-            .fetch_one(&self.pool)
-            .await?;
+        let (exists, fingerprint): (Option<String>, Option<String>) = sqlx::query_as(&format!(
+            "SELECT to_regclass($1)::text, {}",
+            catalog_fingerprint("to_regclass($1)")
+        ))
+        .bind(&regclass)
+        .fetch_one(&self.pool)
+        .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound(format!(
                 "source table {schema}.{table} does not exist"
@@ -301,7 +336,8 @@ impl SourceReader {
                     numeric_scale: r.try_get("numeric_scale")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(|c| (c, fingerprint.unwrap_or_default()))
     }
 
     /// Primary-key columns of a table, in key order (default for `tables add --key`).
@@ -412,6 +448,13 @@ impl SourceReader {
         let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
         let mut rows = query.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
+            if let Some(expected) = &plan.catalog {
+                // Checked on the first row, before anything is handed on: every row of a read
+                // carries the same value.
+                if out.is_empty() && r.try_get::<Option<&str>, _>("catalog")? != Some(expected) {
+                    return Err(StoreError::CatalogChanged(plan.table.clone()));
+                }
+            }
             out.push(f(source_row(&r)?));
         }
         Ok(out)

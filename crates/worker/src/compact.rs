@@ -4,30 +4,13 @@
 
 use crate::{Worker, WorkerError};
 use tenantsync_bigquery::schema::compact_sql;
-use tenantsync_core::{Mode, TableSpec, Tenant};
-use tenantsync_store::control::tasks::TaskId;
+use tenantsync_core::{TableSpec, Tenant};
 use tracing::{info, warn};
 
 impl Worker {
-    /// After a caught-up slice: compact the task's table when its turn has come. Errors are
-    /// logged, never fail the slice (the rows are in BigQuery either way).
-    pub(crate) async fn compact_if_due(&self, task: TaskId, tenant: &Tenant, spec: &TableSpec) {
-        if spec.mode != Mode::Latest {
-            return;
-        }
-        match self
-            .deps
-            .control
-            .take_compaction_turn(task, self.cfg.compact_every)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                warn!(error = %e, "cannot read the compaction turn");
-                return;
-            }
-        }
+    /// After a caught-up slice whose commit took the task's compaction turn. Errors are logged,
+    /// never fail the slice (the rows are in BigQuery either way).
+    pub(crate) async fn compact_now(&self, tenant: &Tenant, spec: &TableSpec) {
         if let Err(e) = self.compact(tenant, spec).await {
             warn!(tenant = %tenant.slug, table = %spec.source_table, error = %e, "compaction failed; next turn in {:?}", self.cfg.compact_every);
         }
