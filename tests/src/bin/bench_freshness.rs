@@ -21,6 +21,9 @@
 //!
 //! Other settings: `BENCH_CONCURRENCY` (worker `TENANTSYNC_CONCURRENCY`; default 8),
 //! `BENCH_INTERVAL_MS` (each table's `--interval-ms`, 1000 like `tables add`),
+//! `BENCH_VACUUM_SECS` (30: `VACUUM ANALYZE` of the control plane's busy tables this often
+//! during the writes, standing in for autovacuum, which is off on the development server; 0 =
+//! never; the whole control plane is analyzed once after setup either way),
 //! `BENCH_KEEP=1`. `TENANTSYNC_*` variables in the environment reach the processes unchanged
 //! (e.g. `TENANTSYNC_TICK_MS`, `TENANTSYNC_CURSOR_SKEW_MS`).
 
@@ -50,6 +53,7 @@ struct Params {
     writers: usize,
     seed_rows: i64,
     interval_ms: i32,
+    vacuum_secs: f64,
     keep: bool,
 }
 
@@ -67,6 +71,7 @@ impl Params {
             writers: env_num("BENCH_WRITERS", 8)?,
             seed_rows: env_num("BENCH_SEED_ROWS", 2)?,
             interval_ms: env_num("BENCH_INTERVAL_MS", 1000)?,
+            vacuum_secs: env_num("BENCH_VACUUM_SECS", 30.0)?,
             keep: env_flag("BENCH_KEEP", false),
         })
     }
@@ -236,6 +241,14 @@ async fn run(
     let t = Instant::now();
     create_source(env, p).await?;
     register(env, p).await?;
+    // Autovacuum is off on the shared development server. Without statistics the planner
+    // picked, for the coordinator's due-task query, a nested loop that scanned the whole
+    // `sync_state_due` index once per tenant: about a second per tick, and most of Postgres'
+    // CPU. A deployment's autovacuum analyzes and vacuums the control plane; the benchmark does
+    // it here, and every `BENCH_VACUUM_SECS` during the run.
+    sqlx::raw_sql("VACUUM ANALYZE")
+        .execute(env.control.pool())
+        .await?;
     println!(
         "source and control plane ready in {:.1} s ({} seed rows)",
         t.elapsed().as_secs_f64(),
@@ -302,7 +315,24 @@ async fn run(
     sink.record_lag(true);
     let xacts_before = xacts(&admin, &dbs_measured).await?;
     let t_start = chrono::Utc::now();
+    let vacuum = (p.vacuum_secs > 0.0).then(|| {
+        let (pool, every) = (env.control.pool().clone(), p.vacuum_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs_f64(every)).await;
+                if let Err(e) = sqlx::raw_sql("VACUUM ANALYZE sync_state, sync_runs")
+                    .execute(&pool)
+                    .await
+                {
+                    eprintln!("vacuum failed: {e}");
+                }
+            }
+        })
+    });
     let written = write(env, p).await?;
+    if let Some(v) = vacuum {
+        v.abort();
+    }
     let t_end = chrono::Utc::now();
     let writes_meter = meter.finish().await;
     // Backends report their counters after at most a second of idling.
