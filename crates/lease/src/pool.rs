@@ -56,27 +56,18 @@ impl Leases {
         if tasks.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for &(tenant, table) in tasks {
-            // Scripts are loaded once (below); EVALSHA keeps the pipeline small.
-            pipe.cmd("EVALSHA")
-                .arg(ENQUEUE.get_hash())
-                .arg(2)
-                .arg(self.queued_key())
-                .arg(self.shard_key(Self::shard_of(tenant, shards)))
-                .arg(task_key(tenant, table));
+        let shards = shards.max(1);
+        let mut inv = ENQUEUE.prepare_invoke();
+        inv.key(self.queued_key());
+        for s in 0..shards {
+            inv.key(self.shard_key(s));
         }
-        let mut conn = self.conn.clone();
-        let loaded: Result<Vec<i64>, _> = pipe.query_async(&mut conn).await;
-        let added = match loaded {
-            Ok(v) => v,
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                ENQUEUE.prepare_invoke().load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(added.iter().filter(|&&n| n == 1).count())
+        for &(tenant, table) in tasks {
+            inv.arg(task_key(tenant, table))
+                .arg(Self::shard_of(tenant, shards));
+        }
+        let added: usize = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(added)
     }
 
     /// Pop one task, trying shards starting at `start`.

@@ -18,6 +18,9 @@ pub enum StoreError {
     Invalid(String),
     #[error(transparent)]
     Mapping(#[from] tenantsync_core::mapping::MappingError),
+    /// A slice plan was built from other columns than the source table has now: build it again.
+    #[error("the columns of {0} changed since its slice plan was built")]
+    CatalogChanged(String),
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -28,7 +31,7 @@ impl StoreError {
     /// Whether the same call may succeed later without anyone changing anything.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Unavailable(_) => true,
+            Self::Unavailable(_) | Self::CatalogChanged(_) => true,
             Self::Database(sqlx::Error::Database(db)) => {
                 // 40001 serialization failure, 40P01 deadlock, 55P03 lock not available.
                 matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03"))

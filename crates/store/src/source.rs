@@ -44,6 +44,17 @@ impl SourceRow {
     }
 }
 
+/// A scalar subquery: a fingerprint of the columns (names, types, order) of the relation
+/// `regclass` in the catalog. A plan built from other columns than the table has now is stale.
+fn catalog_fingerprint(regclass: &str) -> String {
+    format!(
+        "(SELECT md5(string_agg(a.attname || ' ' || a.atttypid::text || ' ' || a.atttypmod::text,
+                                ',' ORDER BY a.attnum))
+          FROM pg_attribute a
+          WHERE a.attrelid = {regclass} AND a.attnum > 0 AND NOT a.attisdropped)"
+    )
+}
+
 /// Everything needed to read slices of one table: its BigQuery schema and two prepared SQL
 /// texts (first slice, and after a watermark). Built once per table and schema version.
 #[derive(Debug, Clone)]
@@ -55,6 +66,10 @@ pub struct SlicePlan {
     /// Fingerprint of what lands in BigQuery (fields, key columns, mode): when it matches the
     /// one stored for a task, the task's table and views need no calls.
     pub schema_hash: String,
+    /// The catalog fingerprint of the columns the plan was built from, when known: a slice read
+    /// that finds another one fails with [`StoreError::CatalogChanged`] instead of sending rows
+    /// without a column added since (see [`SourceReader::catalog`]).
+    pub catalog: Option<String>,
     sql: PlanSql,
 }
 
@@ -85,6 +100,8 @@ struct CommonSql<'a> {
     tn: &'a str,
     tn_type: &'a str,
     source: &'a str,
+    /// The catalog fingerprint as a scalar subquery (see `catalog_fingerprint`).
+    catalog: &'a str,
     range_filter: &'a str,
     deleted: Option<&'a str>,
     with_deletes: &'a dyn Fn(String) -> String,
@@ -164,6 +181,7 @@ impl SlicePlan {
             quote_pg(&spec.source_schema),
             quote_pg(&spec.source_table)
         );
+        let catalog = catalog_fingerprint(&format!("'{}'::regclass", source.replace('\'', "''")));
         // Key ranges for resync: $4 is the lower bound's mode (NULL: none, true: inclusive,
         // false: exclusive), $5 whether there is an upper bound (NULL: none), then the lower and
         // the upper key, each bound as text and cast like the watermark.
@@ -197,6 +215,7 @@ impl SlicePlan {
                         tn: &tn,
                         tn_type,
                         source: &source,
+                        catalog: &catalog,
                         range_filter: &range_filter,
                         deleted: deleted.as_deref(),
                         with_deletes: &with_deletes,
@@ -211,7 +230,7 @@ impl SlicePlan {
                 // left out come back NULL, which is what merge mode expects.
                 let base = format!(
                     "SELECT c.key AS k, c.txid::text AS c, c.seq::text AS seq, ({tn})::text AS tn,
-                            c.changed_at AS cts, {j} AS j
+                            c.changed_at AS cts, {j} AS j, {catalog} AS catalog
                      FROM {ct} c CROSS JOIN LATERAL jsonb_populate_record(NULL::{source}, c.row) t
                      WHERE c.tenant = $1::text AND $2::timestamptz IS NOT NULL
                        AND c.txid < pg_snapshot_xmin(pg_current_snapshot())",
@@ -273,6 +292,7 @@ impl SlicePlan {
         };
         Ok(Self {
             schema_hash,
+            catalog: None,
             table: spec.bq_table(),
             fields,
             key_columns: spec.key_columns.clone(),
@@ -324,12 +344,14 @@ impl SlicePlan {
         let order: Vec<String> = std::iter::once(cur.clone())
             .chain(s.keys.iter().map(|k| q(k)))
             .collect();
+        // The fingerprint is uncorrelated: Postgres computes it once per read, not per row.
         let base = format!(
             "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, NULL::text AS seq, ({tn})::text AS tn,
-                    ({cur_tz}) AS cts, {j} AS j
+                    ({cur_tz}) AS cts, {j} AS j, {catalog} AS catalog
              FROM {source} t
              WHERE {tn} = $1::text::{tn_type} AND {cur} < {horizon}",
             j = (s.row_json)(&op, &cur_tz),
+            catalog = s.catalog,
         );
         // Watermark parameters start at $4, all bound as text and cast to the column types so
         // the comparison (and the index on them) works on real values, not strings.
@@ -402,13 +424,24 @@ impl SourceReader {
 
     /// Columns of `schema.table` from the catalog, in table order.
     pub async fn columns(&self, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
+        Ok(self.catalog(schema, table).await?.0)
+    }
+
+    /// Columns of `schema.table` from the catalog, in table order, and their fingerprint (for
+    /// [`SlicePlan::catalog`]). The fingerprint is read first: should the table change between
+    /// the two reads, the plan holds an older fingerprint than its columns, and the next read
+    /// only builds the plan again. The other order could pair old columns with a new fingerprint.
+    pub async fn catalog(&self, schema: &str, table: &str) -> Result<(Vec<PgColumn>, String)> {
         sql_ident("schema", schema).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sql_ident("table", table).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let regclass = format!("{}.{}", quote_pg(schema), quote_pg(table));
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(&regclass)
-            .fetch_one(&self.pool)
-            .await?;
+        let (exists, fingerprint): (Option<String>, Option<String>) = sqlx::query_as(&format!(
+            "SELECT to_regclass($1)::text, {}",
+            catalog_fingerprint("to_regclass($1)")
+        ))
+        .bind(&regclass)
+        .fetch_one(&self.pool)
+        .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound(format!(
                 "source table {schema}.{table} does not exist"
@@ -431,7 +464,8 @@ impl SourceReader {
                     numeric_scale: r.try_get("numeric_scale")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(|c| (c, fingerprint.unwrap_or_default()))
     }
 
     /// Primary-key columns of a table, in key order (default for `tables add --key`).
@@ -543,6 +577,13 @@ impl SourceReader {
         let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
         let mut rows = query.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
+            if let Some(expected) = &plan.catalog {
+                // Checked on the first row, before anything is handed on: every row of a read
+                // carries the same value.
+                if out.is_empty() && r.try_get::<Option<&str>, _>("catalog")? != Some(expected) {
+                    return Err(StoreError::CatalogChanged(plan.table.clone()));
+                }
+            }
             out.push(f(source_row(&r)?));
         }
         Ok(out)

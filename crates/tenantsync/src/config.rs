@@ -118,6 +118,10 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         "TENANTSYNC_CURSOR_SKEW_MS",
         c.cursor_skew.as_millis() as u64,
     )?;
+    c.horizon_reuse = millis(
+        "TENANTSYNC_HORIZON_REUSE_MS",
+        c.horizon_reuse.as_millis() as u64,
+    )?;
     c.lease_ttl = millis("TENANTSYNC_LEASE_TTL_MS", c.lease_ttl.as_millis() as u64)?;
     c.request_timeout = millis(
         "TENANTSYNC_REQUEST_TIMEOUT_MS",

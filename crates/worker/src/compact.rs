@@ -6,32 +6,20 @@
 use crate::{Worker, WorkerError};
 use tenantsync_bigquery::schema::{compact_sql, merge_sql};
 use tenantsync_core::{Mode, TableSpec, Tenant};
-use tenantsync_store::control::tasks::TaskId;
 use tracing::{info, warn};
 
 impl Worker {
-    /// After a caught-up slice: compact the task's table when its turn has come. Errors are
-    /// logged, never fail the slice (the rows are in BigQuery either way).
-    pub(crate) async fn compact_if_due(&self, task: TaskId, tenant: &Tenant, spec: &TableSpec) {
-        let every = match spec.mode {
-            Mode::Latest => self.cfg.compact_every,
-            Mode::Merge => self.cfg.merge_every,
-            Mode::History => return,
-        };
-        match self.deps.control.take_compaction_turn(task, every).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                warn!(error = %e, "cannot read the compaction turn");
-                return;
-            }
-        }
+    /// After a caught-up slice whose commit took the task's periodic turn: compaction (latest
+    /// mode) or the MERGE into `<table>_final` (merge mode). Errors are logged, never fail the
+    /// slice (the rows are in BigQuery either way).
+    pub(crate) async fn periodic_now(&self, tenant: &Tenant, spec: &TableSpec) {
         let done = match spec.mode {
             Mode::Merge => self.merge(tenant, spec).await,
-            _ => self.compact(tenant, spec).await,
+            Mode::Latest => self.compact(tenant, spec).await,
+            Mode::History => return,
         };
         if let Err(e) = done {
-            warn!(tenant = %tenant.slug, table = %spec.source_table, mode = %spec.mode, error = %e, "periodic compaction/merge failed; next turn in {every:?}");
+            warn!(tenant = %tenant.slug, table = %spec.source_table, mode = %spec.mode, error = %e, "periodic compaction/merge failed; it waits for the next turn");
         }
     }
 

@@ -30,6 +30,10 @@ pub struct WorkerConfig {
     pub endpoint: Endpoint,
     /// Allowance for application clocks that stamp rows themselves (see the horizon query).
     pub cursor_skew: Duration,
+    /// Slices starting within this long of a horizon query use its result instead of asking
+    /// again. An older horizon is safe (a slice reads less); the query is one of the few a
+    /// slice needs, and at hundreds of slices a second it was a noticeable share of them.
+    pub horizon_reuse: Duration,
     pub lease_ttl: Duration,
     pub request_timeout: Duration,
     /// Attempts per insertAll chunk before the slice stops at the last acknowledged row.
@@ -67,6 +71,7 @@ impl WorkerConfig {
             worker_id: worker_id.into(),
             endpoint,
             cursor_skew: Duration::from_millis(1000),
+            horizon_reuse: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_attempts: 6,
@@ -95,22 +100,25 @@ pub struct Deps {
     pub master_key: Arc<MasterKey>,
 }
 
-/// Per-process caches: a BigQuery client per tenant, a slice plan per table, and which
-/// (tenant, table, schema) combinations have been ensured in BigQuery already.
+/// Per-process caches: a BigQuery client per tenant, a slice plan per table, which tenants'
+/// datasets have been ensured in BigQuery already, and the last horizon.
 #[derive(Default)]
 struct Caches {
     clients: Mutex<HashMap<i64, CachedClient>>,
     plans: Mutex<HashMap<i64, CachedPlan>>,
     /// Tenants whose dataset this process has ensured.
     datasets: Mutex<HashSet<i64>>,
+    /// When the last horizon query was sent, and its result.
+    horizon: Mutex<Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>>,
 }
 
 /// A tenant's client with the nonce of the sealed key it was built from (the key's version).
 type CachedClient = (Vec<u8>, Arc<tenantsync_bigquery::BigQuery>);
 
+/// A table's plan, valid while its spec is unchanged and slice reads find the catalog
+/// fingerprint it was built with ([`SlicePlan::catalog`]).
 struct CachedPlan {
     spec: tenantsync_core::TableSpec,
-    columns: Vec<tenantsync_core::mapping::PgColumn>,
     plan: Arc<SlicePlan>,
 }
 

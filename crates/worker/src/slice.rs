@@ -15,7 +15,7 @@ use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::{Claim, Commit, Progress, RunRecord, TaskId, Watermark};
-use tenantsync_store::{SlicePlan, SourceRow};
+use tenantsync_store::{SlicePlan, SourceRow, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -108,9 +108,24 @@ pub(crate) fn task_backoff(failures: i32) -> Duration {
 }
 
 impl Worker {
-    /// The tenant's client. The sealed key is read on every slice (one small query) and its
-    /// nonce compared with the cached client's, so a rotated key is used from the next slice
-    /// on, in every worker.
+    /// The tenant's client when the cached one was built from the sealed key whose nonce is
+    /// `nonce` (read by the slice's first statement): a rotated key is used from the next slice
+    /// on, in every worker. Otherwise the key is read and a new client built.
+    pub(crate) async fn client_for(
+        &self,
+        tenant: &Tenant,
+        nonce: Option<&[u8]>,
+    ) -> Result<Arc<BigQuery>, WorkerError> {
+        if let Some((v, c)) = self.caches.clients.lock().await.get(&tenant.id) {
+            if v.as_slice() == nonce.unwrap_or_default() {
+                return Ok(c.clone());
+            }
+        }
+        self.client(tenant).await
+    }
+
+    /// The tenant's client. The sealed key is read (one small query) and its nonce compared
+    /// with the cached client's.
     pub(crate) async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
         let sealed = self.deps.control.credentials(tenant.id).await?;
         let version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
@@ -151,30 +166,55 @@ impl Worker {
         self.caches.clients.lock().await.remove(&tenant_id);
     }
 
-    /// The slice plan of a table and its generation. The catalog is read on every slice (one
-    /// cheap query) so a column added in Postgres reaches BigQuery on the next slice.
+    /// The slice plan of a table. Built from the catalog once per process and spec, not per
+    /// slice (two catalog queries were a sixth of a slice's statements): every slice read
+    /// compares the catalog's fingerprint with the plan's, and a column added in Postgres
+    /// makes that read fail with `CatalogChanged`, so the slice builds the plan again
+    /// ([`Self::forget_plan`]) before it sends anything.
     pub(crate) async fn plan(&self, spec: &TableSpec) -> Result<Arc<SlicePlan>, WorkerError> {
-        let columns = self
-            .deps
-            .source
-            .columns(&spec.source_schema, &spec.source_table)
-            .await?;
-        let mut plans = self.caches.plans.lock().await;
-        if let Some(p) = plans.get(&spec.id) {
-            if p.columns == columns && p.spec == *spec {
+        if let Some(p) = self.caches.plans.lock().await.get(&spec.id) {
+            if p.spec == *spec {
                 return Ok(p.plan.clone());
             }
         }
-        let plan = Arc::new(SlicePlan::build(spec, &columns)?);
-        plans.insert(
+        let (columns, fingerprint) = self
+            .deps
+            .source
+            .catalog(&spec.source_schema, &spec.source_table)
+            .await?;
+        let mut plan = SlicePlan::build(spec, &columns)?;
+        plan.catalog = Some(fingerprint);
+        let plan = Arc::new(plan);
+        self.caches.plans.lock().await.insert(
             spec.id,
             CachedPlan {
                 spec: spec.clone(),
-                columns,
                 plan: plan.clone(),
             },
         );
         Ok(plan)
+    }
+
+    pub(crate) async fn forget_plan(&self, table_id: i64) {
+        self.caches.plans.lock().await.remove(&table_id);
+    }
+
+    /// The read horizon, shared by the slices that start within `horizon_reuse` of one
+    /// another. Reusing an older horizon is safe: every row below it was committed when it
+    /// was computed, so a later read finds them all; rows past it wait for a later slice.
+    pub(crate) async fn horizon(&self) -> Result<DateTime<Utc>, WorkerError> {
+        // Held across the query, so slices that start together send one query, not one each.
+        let mut cached = self.caches.horizon.lock().await;
+        if let Some((at, h)) = *cached {
+            if at.elapsed() < self.cfg.horizon_reuse {
+                return Ok(h);
+            }
+        }
+        // The age counts from before the query: the result is at least that old.
+        let at = Instant::now();
+        let h = self.deps.source.horizon(self.cfg.cursor_skew).await?;
+        *cached = Some((at, h));
+        Ok(h)
     }
 
     /// Dataset, table (with added columns) and `_latest` view: skipped when the task's stored
@@ -306,22 +346,25 @@ impl Worker {
     ) -> Result<SliceReport, WorkerError> {
         let started_at = Utc::now();
         let t0 = Instant::now();
-        let tenant = self.deps.control.tenant_by_id(task.tenant_id).await?;
-        let spec = self.deps.control.table(task.table_id).await?;
-        if tenant.status != TenantStatus::Active || !spec.enabled {
+        let start = self.deps.control.start_slice(task).await?;
+        let (tenant, spec) = (start.tenant, start.spec);
+        // Not claimed: the tenant is not active or the table is disabled.
+        let Some(claim) = start.claim else {
             return Ok(SliceReport {
                 task,
                 outcome: SliceOutcome::Skipped,
                 synced_through: None,
             });
-        }
+        };
         crate::metrics::task_seen(&tenant.slug, &spec.source_table);
         let span = tracing::Span::current();
         span.record("tenant", tenant.slug.as_str());
         span.record("table", spec.source_table.as_str());
-        let claim = self.deps.control.claim(task).await?;
         span.record("run", claim.fencing_token);
-        let run = self.run_slice(&tenant, &spec, &claim, lost, shutdown).await;
+        let nonce = start.credentials_nonce.as_deref();
+        let run = self
+            .run_slice(&tenant, &spec, &claim, nonce, lost, shutdown)
+            .await;
         let permanent = matches!(&run, Err(e) if !e.is_retriable());
         let (rows, outcome, error, progress) = match run {
             Ok(SliceRun::Crashed) => {
@@ -361,7 +404,34 @@ impl Worker {
                 (0, "failed", Some(e.to_string()), p)
             }
         };
-        let committed = self.deps.control.commit(&claim, &progress).await?;
+        // A caught-up slice asks for the task's periodic turn in its commit: compaction of a
+        // latest-mode table, the MERGE of a merge-mode one.
+        let periodic_every = match spec.mode {
+            Mode::Latest => Some(self.cfg.compact_every),
+            Mode::Merge => Some(self.cfg.merge_every),
+            Mode::History => None,
+        }
+        .filter(|_| progress.error.is_none() && !progress.next_run_in.is_zero());
+        let finish = self
+            .deps
+            .control
+            .finish_slice(
+                &claim,
+                &progress,
+                &RunRecord {
+                    task,
+                    worker: self.cfg.worker_id.clone(),
+                    fencing_token: claim.fencing_token,
+                    started_at,
+                    duration: t0.elapsed(),
+                    rows,
+                    outcome,
+                    error: error.clone(),
+                },
+                periodic_every,
+            )
+            .await?;
+        let committed = finish.commit;
         if committed == Commit::Committed {
             // The claim's watermark when the slice moved nothing: what an earlier failed
             // prune left would otherwise keep the task marked changed forever.
@@ -379,19 +449,6 @@ impl Worker {
         } else if rows > 0 {
             crate::metrics::rows(&tenant.slug, &spec.source_table, rows as u64);
         }
-        self.deps
-            .control
-            .record_run(&RunRecord {
-                task,
-                worker: self.cfg.worker_id.clone(),
-                fencing_token: claim.fencing_token,
-                started_at,
-                duration: t0.elapsed(),
-                rows,
-                outcome: outcome_str,
-                error: error.clone(),
-            })
-            .await?;
         let synced_through = progress.synced_through.or(claim.synced_through);
         let outcome = match (committed, error) {
             (Commit::Fenced, _) => {
@@ -419,9 +476,9 @@ impl Worker {
             ms = t0.elapsed().as_millis() as u64,
             "slice finished"
         );
-        // Caught up and still holding the lease: the moment to compact, if it is due.
-        if let SliceOutcome::Synced { more: false, .. } = outcome {
-            self.compact_if_due(task, &tenant, &spec).await;
+        // Caught up and still holding the lease: the moment to compact, if the turn came.
+        if finish.compact {
+            self.periodic_now(&tenant, &spec).await;
         }
         Ok(SliceReport {
             task,
@@ -478,19 +535,20 @@ impl Worker {
         tenant: &Tenant,
         spec: &TableSpec,
         claim: &Claim,
+        credentials_nonce: Option<&[u8]>,
         lost: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Result<SliceRun, WorkerError> {
         let t0 = Instant::now();
-        let plan = self.plan(spec).await?;
-        let client = self.client(tenant).await?;
-        self.ensure_schema(&client, tenant, spec, &plan, claim)
-            .await?;
-
-        let horizon = self.deps.source.horizon(self.cfg.cursor_skew).await?;
+        let client = self.client_for(tenant, credentials_nonce).await?;
+        let horizon = self.horizon().await?;
         let limit = i64::from(spec.slice_rows);
         let batch_id = format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token);
         let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut plan = self.plan(spec).await?;
+        self.ensure_schema(&client, tenant, spec, &plan, claim)
+            .await?;
+        let mut replanned = false;
         // A slice is read and sent in pages: memory is concurrency × page rows × row size,
         // whatever the slice size (a whole 20,000-row slice held at once made a worker at
         // concurrency 8 peak above 300 MB). The watermark still moves once, at the commit.
@@ -504,7 +562,7 @@ impl Worker {
             let want = page_rows.min(limit - acked as i64);
             // Each row becomes its payload as it arrives and its JSON is dropped: holding both
             // doubled the page's memory.
-            let read: Vec<(SourceRow, String)> = self
+            let read = self
                 .deps
                 .source
                 .read_slice_map(
@@ -519,7 +577,27 @@ impl Worker {
                         (r, p)
                     },
                 )
-                .await?;
+                .await;
+            let read: Vec<(SourceRow, String)> = match read {
+                Ok(read) => read,
+                // The table's columns changed since the plan was built: build it again from
+                // the catalog (and bring BigQuery's table along) before sending this page.
+                Err(StoreError::CatalogChanged(_)) if !replanned => {
+                    debug!(table = %spec.source_table, "source columns changed; planning again");
+                    self.forget_plan(spec.id).await;
+                    replanned = true;
+                    plan = self.plan(spec).await?;
+                    self.ensure_schema(&client, tenant, spec, &plan, claim)
+                        .await?;
+                    continue;
+                }
+                Err(e) => {
+                    // The next slice reads the catalog again (a dropped table, say, is then
+                    // named as such).
+                    self.forget_plan(spec.id).await;
+                    return Err(e.into());
+                }
+            };
             let (rows, payloads): (Vec<SourceRow>, Vec<String>) = read.into_iter().unzip();
 
             // Second line of tenant isolation: the SQL filtered by tenant; every row is checked

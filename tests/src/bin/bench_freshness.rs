@@ -21,6 +21,9 @@
 //!
 //! Other settings: `BENCH_CONCURRENCY` (worker `TENANTSYNC_CONCURRENCY`; default 8),
 //! `BENCH_INTERVAL_MS` (each table's `--interval-ms`, 1000 like `tables add`),
+//! `BENCH_VACUUM_SECS` (30: `VACUUM ANALYZE` of the control plane's busy tables this often
+//! during the writes, standing in for autovacuum, which is off on the development server; 0 =
+//! never; the whole control plane is analyzed once after setup either way),
 //! `BENCH_KEEP=1`. `TENANTSYNC_*` variables in the environment reach the processes unchanged
 //! (e.g. `TENANTSYNC_TICK_MS`, `TENANTSYNC_CURSOR_SKEW_MS`).
 
@@ -50,6 +53,7 @@ struct Params {
     writers: usize,
     seed_rows: i64,
     interval_ms: i32,
+    vacuum_secs: f64,
     keep: bool,
 }
 
@@ -67,6 +71,7 @@ impl Params {
             writers: env_num("BENCH_WRITERS", 8)?,
             seed_rows: env_num("BENCH_SEED_ROWS", 2)?,
             interval_ms: env_num("BENCH_INTERVAL_MS", 1000)?,
+            vacuum_secs: env_num("BENCH_VACUUM_SECS", 30.0)?,
             keep: env_flag("BENCH_KEEP", false),
         })
     }
@@ -238,6 +243,14 @@ async fn run(
     let t = Instant::now();
     create_source(env, p).await?;
     register(env, p).await?;
+    // Autovacuum is off on the shared development server. Without statistics the planner
+    // picked, for the coordinator's due-task query, a nested loop that scanned the whole
+    // `sync_state_due` index once per tenant: about a second per tick, and most of Postgres'
+    // CPU. A deployment's autovacuum analyzes and vacuums the control plane; the benchmark does
+    // it here, and every `BENCH_VACUUM_SECS` during the run.
+    sqlx::raw_sql("VACUUM ANALYZE")
+        .execute(env.control.pool())
+        .await?;
     println!(
         "source and control plane ready in {:.1} s ({} seed rows)",
         t.elapsed().as_secs_f64(),
@@ -292,6 +305,7 @@ async fn run(
     backfill.print_cpu("initial sync");
 
     // The measured phase.
+    let dbs_measured = dbs.clone();
     let meter = Meter::start(admin.clone(), dbs).await;
     for (name, c) in children.iter() {
         meter.watch(name, c.id());
@@ -301,10 +315,31 @@ async fn run(
     }
     sink.reset();
     sink.record_lag(true);
+    let xacts_before = xacts(&admin, &dbs_measured).await?;
     let t_start = chrono::Utc::now();
+    let vacuum = (p.vacuum_secs > 0.0).then(|| {
+        let (pool, every) = (env.control.pool().clone(), p.vacuum_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs_f64(every)).await;
+                if let Err(e) = sqlx::raw_sql("VACUUM ANALYZE sync_state, sync_runs")
+                    .execute(&pool)
+                    .await
+                {
+                    eprintln!("vacuum failed: {e}");
+                }
+            }
+        })
+    });
     let written = write(env, p).await?;
+    if let Some(v) = vacuum {
+        v.abort();
+    }
     let t_end = chrono::Utc::now();
     let writes_meter = meter.finish().await;
+    // Backends report their counters after at most a second of idling.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let xacts_after = xacts(&admin, &dbs_measured).await?;
     // Drain: wait until every row written is acknowledged, or give up.
     let t_drain = Instant::now();
     let mut acked: HashMap<String, (i64, i64)> = HashMap::new();
@@ -384,9 +419,41 @@ async fn run(
     for (w, n, rows, ms) in slices {
         println!("  {w}: {n} slices, {rows:.2} rows/slice, {ms:.1} ms/slice");
     }
+    let (window_slices,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sync_runs WHERE started_at >= $1 AND started_at < $2")
+            .bind(t_start)
+            .bind(t_end)
+            .fetch_one(env.control.pool())
+            .await?;
+    // Every statement outside a transaction block is a transaction of its own, so these are
+    // statements; the source's include the writers' inserts (subtracted) and, like the control
+    // plane's, the coordinator's few per tick.
+    let ctl = xacts_after[0] - xacts_before[0];
+    let src = xacts_after[1] - xacts_before[1] - written as i64;
+    println!(
+        "  during the writes: {window_slices} slices ({:.0}/s); transactions per slice: control plane {:.2}, source {:.2}",
+        window_slices as f64 / ((t_end - t_start).num_milliseconds() as f64 / 1000.0),
+        ctl as f64 / window_slices.max(1) as f64,
+        src as f64 / window_slices.max(1) as f64
+    );
     for (label, _, rss) in &writes_meter.procs {
         println!("  peak RSS {label}: {rss:.1} MB");
     }
     writes_meter.print_cpu("writes");
     Ok(())
+}
+
+/// Committed plus rolled-back transactions of each database, in the order given.
+async fn xacts(admin: &sqlx::PgPool, dbs: &[String]) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(dbs.len());
+    for db in dbs {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(db)
+        .fetch_one(admin)
+        .await?;
+        out.push(n);
+    }
+    Ok(out)
 }

@@ -87,10 +87,15 @@ fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
 }
 
 fn spec_from_row(r: &sqlx::postgres::PgRow) -> Result<TableSpec> {
+    spec_from_row_with_id(r, "id")
+}
+
+/// A spec from a row that names its id column `id_column` (a join with other tables' ids).
+fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<TableSpec> {
     let mode: String = r.try_get("mode")?;
     let capture: String = r.try_get("capture")?;
     Ok(TableSpec {
-        id: r.try_get("id")?,
+        id: r.try_get(id_column)?,
         source_schema: r.try_get("source_schema")?,
         source_table: r.try_get("source_table")?,
         key_columns: r.try_get("key_columns")?,

@@ -1,16 +1,17 @@
 //! Claim, commit and fail: every statement that moves a (tenant, table) task, top to bottom.
 //!
-//! The order of a slice is: [`ControlPlane::claim`] (after the Redis lease is held) issues a new
-//! fencing token and returns the watermark; the worker reads and sends; [`ControlPlane::commit`]
-//! moves the watermark only if the token is still the current one. A worker that was paused past
-//! its lease sees its commit refused ([`Commit::Fenced`]) because the next holder's claim bumped
-//! the token.
+//! The order of a slice is: [`ControlPlane::start_slice`] (after the Redis lease is held) issues
+//! a new fencing token and returns the watermark; the worker reads and sends;
+//! [`ControlPlane::finish_slice`] moves the watermark only if the token is still the current one.
+//! A worker that was paused past its lease sees its commit refused ([`Commit::Fenced`]) because
+//! the next holder's claim bumped the token.
 
-use super::ControlPlane;
+use super::{spec_from_row_with_id, tenant_from_row, ControlPlane};
 use crate::error::{Result, StoreError};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use std::time::Duration;
+use tenantsync_core::{TableSpec, Tenant};
 
 /// A (tenant, table) pair: the unit of scheduling and of mutual exclusion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,6 +71,25 @@ pub enum Commit {
     Committed,
     /// A newer claim exists: this worker lost the task and must not touch it again.
     Fenced,
+}
+
+/// What [`ControlPlane::start_slice`] hands the worker.
+#[derive(Debug, Clone)]
+pub struct SliceStart {
+    pub tenant: Tenant,
+    pub spec: TableSpec,
+    /// The nonce of the tenant's sealed key (its version); None without credentials.
+    pub credentials_nonce: Option<Vec<u8>>,
+    /// None: the tenant is not active or the table is disabled; nothing was claimed.
+    pub claim: Option<Claim>,
+}
+
+/// What [`ControlPlane::finish_slice`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finish {
+    pub commit: Commit,
+    /// The compaction turn was asked for, is due and is now taken: compact.
+    pub compact: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -229,17 +249,40 @@ impl ControlPlane {
                 "task {task} is disabled for its tenant or has no sync state"
             ))
         })?;
-        let key: Option<Vec<String>> = row.try_get("watermark_key")?;
-        Ok(Claim {
-            task,
-            fencing_token: row.try_get("fencing_token")?,
-            watermark: Watermark {
-                cursor: row.try_get("watermark_cursor")?,
-                key: key.unwrap_or_default(),
-            },
-            synced_through: row.try_get("synced_through")?,
-            schema_hash: row.try_get("schema_hash")?,
-            batches_visible_through: row.try_get("batches_visible_through")?,
+        claim_from_row(task, &row)
+    }
+
+    /// The start of a slice in one statement: tenant, table spec, credentials nonce and the
+    /// claim (see [`Self::claim`]), taken only when the tenant is active and the table enabled.
+    /// Call only while holding the task's Redis lease.
+    pub async fn start_slice(&self, task: TaskId) -> Result<SliceStart> {
+        let row = sqlx::query(include_str!("../queries/start_slice.sql"))
+            .bind(task.tenant_id)
+            .bind(task.table_id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "tenant or table spec of task {task} does not exist"
+                ))
+            })?;
+        let tenant = tenant_from_row(&row)?;
+        let spec = spec_from_row_with_id(&row, "table_spec_id")?;
+        let token: Option<i64> = row.try_get("fencing_token")?;
+        let claim = match token {
+            Some(_) => Some(claim_from_row(task, &row)?),
+            None if tenant.status == tenantsync_core::TenantStatus::Active && spec.enabled => {
+                return Err(StoreError::NotFound(format!(
+                    "task {task} is disabled for its tenant or has no sync state"
+                )))
+            }
+            None => None,
+        };
+        Ok(SliceStart {
+            credentials_nonce: row.try_get("credentials_nonce")?,
+            tenant,
+            spec,
+            claim,
         })
     }
 
@@ -256,47 +299,50 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Record a slice's progress, conditional on the fencing token. The watermark only moves
-    /// forward: callers pass the last acknowledged row of a slice read after the claimed one.
-    pub async fn commit(&self, claim: &Claim, p: &Progress) -> Result<Commit> {
+    /// The end of a slice in one statement and transaction: the progress, conditional on the
+    /// fencing token (the watermark only moves forward: callers pass the last acknowledged row
+    /// of a slice read after the claimed one); the task's compaction turn when `compact_every`
+    /// is given and the turn is due; and the run log entry (`run.outcome`, or `fenced` when the
+    /// progress was refused).
+    pub async fn finish_slice(
+        &self,
+        claim: &Claim,
+        p: &Progress,
+        run: &RunRecord,
+        compact_every: Option<Duration>,
+    ) -> Result<Finish> {
         let (cursor, key) = match &p.watermark {
             Some(w) => (w.cursor.clone(), Some(w.key.clone())),
             None => (None, None),
         };
-        let done = sqlx::query(
-            "UPDATE sync_state SET
-                 watermark_cursor = COALESCE($4, watermark_cursor),
-                 watermark_key = COALESCE($5, watermark_key),
-                 synced_through = GREATEST(synced_through, $6),
-                 rows_synced = rows_synced + $7,
-                 next_run_at = now() + make_interval(secs => CASE
-                     WHEN $10::float8 IS NOT NULL
-                          AND changed_until > GREATEST(synced_through, $6) THEN $10::float8
-                     ELSE $8 END / 1000.0),
-                 last_success_at = CASE WHEN $9::text IS NULL THEN now() ELSE last_success_at END,
-                 last_error = $9,
-                 last_error_at = CASE WHEN $9::text IS NULL THEN last_error_at ELSE now() END,
-                 consecutive_failures = CASE WHEN $9::text IS NULL THEN 0 ELSE consecutive_failures + 1 END,
-                 batches_visible_through = GREATEST(batches_visible_through, COALESCE($11, 0))
-             WHERE tenant_id = $1 AND table_id = $2 AND fencing_token <= $3",
-        )
-        .bind(claim.task.tenant_id)
-        .bind(claim.task.table_id)
-        .bind(claim.fencing_token)
-        .bind(cursor)
-        .bind(key)
-        .bind(p.synced_through)
-        .bind(p.rows)
-        .bind(interval_ms(p.next_run_in))
-        .bind(p.error.as_deref())
-        .bind(p.rerun_if_changed_in.map(interval_ms))
-        .bind(p.batches_visible_through)
-        .execute(self.pool())
-        .await?;
-        Ok(if done.rows_affected() == 1 {
-            Commit::Committed
-        } else {
-            Commit::Fenced
+        let row = sqlx::query(include_str!("../queries/finish_slice.sql"))
+            .bind(claim.task.tenant_id)
+            .bind(claim.task.table_id)
+            .bind(claim.fencing_token)
+            .bind(cursor)
+            .bind(key)
+            .bind(p.synced_through)
+            .bind(p.rows)
+            .bind(interval_ms(p.next_run_in))
+            .bind(p.error.as_deref())
+            .bind(p.rerun_if_changed_in.map(interval_ms))
+            .bind(p.batches_visible_through)
+            .bind(compact_every.map(|d| d.as_secs_f64()))
+            .bind(&run.worker)
+            .bind(run.started_at)
+            .bind(i32::try_from(run.duration.as_millis()).unwrap_or(i32::MAX))
+            .bind(i32::try_from(run.rows).unwrap_or(i32::MAX))
+            .bind(run.outcome)
+            .fetch_one(self.pool())
+            .await?;
+        let committed: bool = row.try_get("committed")?;
+        Ok(Finish {
+            commit: if committed {
+                Commit::Committed
+            } else {
+                Commit::Fenced
+            },
+            compact: row.try_get("compact")?,
         })
     }
 
@@ -311,26 +357,6 @@ impl ControlPlane {
         .await?)
     }
 
-    pub async fn record_run(&self, r: &RunRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sync_runs (tenant_id, table_id, worker, fencing_token, started_at,
-                                    duration_ms, rows, outcome, error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(r.task.tenant_id)
-        .bind(r.task.table_id)
-        .bind(&r.worker)
-        .bind(r.fencing_token)
-        .bind(r.started_at)
-        .bind(i32::try_from(r.duration.as_millis()).unwrap_or(i32::MAX))
-        .bind(i32::try_from(r.rows).unwrap_or(i32::MAX))
-        .bind(r.outcome)
-        .bind(r.error.as_deref())
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
     /// Run now, whatever the schedule said (used by `--once` and after onboarding).
     pub async fn make_all_due(&self) -> Result<()> {
         sqlx::query("UPDATE sync_state SET next_run_at = now() WHERE next_run_at > now()")
@@ -341,28 +367,6 @@ impl ControlPlane {
 
     /// The oldest `synced_through` among schedulable tasks (None when some task has never
     /// synced): `run --once` is done when this passes the moment it started.
-    /// Take the task's compaction turn when its last one is older than `every`: true when
-    /// the caller should compact now. Recorded up front, so a failed compaction waits for the
-    /// next turn instead of being retried after every slice. A task's first turn only starts
-    /// the clock: right after the first sync there is nothing old to compact.
-    pub async fn take_compaction_turn(&self, task: TaskId, every: Duration) -> Result<bool> {
-        let due: Option<bool> = sqlx::query_scalar(
-            "WITH old AS (SELECT compacted_at FROM sync_state
-                          WHERE tenant_id = $1 AND table_id = $2 FOR UPDATE)
-             UPDATE sync_state s SET compacted_at = now() FROM old
-             WHERE s.tenant_id = $1 AND s.table_id = $2
-               AND (old.compacted_at IS NULL
-                    OR old.compacted_at <= now() - make_interval(secs => $3))
-             RETURNING old.compacted_at IS NOT NULL",
-        )
-        .bind(task.tenant_id)
-        .bind(task.table_id)
-        .bind(every.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(due == Some(true))
-    }
-
     pub async fn oldest_synced_through(&self) -> Result<Option<DateTime<Utc>>> {
         let row = sqlx::query(
             "SELECT bool_or(s.synced_through IS NULL) AS never,
@@ -381,4 +385,19 @@ impl ControlPlane {
         }
         Ok(row.try_get("oldest")?)
     }
+}
+
+fn claim_from_row(task: TaskId, row: &sqlx::postgres::PgRow) -> Result<Claim> {
+    let key: Option<Vec<String>> = row.try_get("watermark_key")?;
+    Ok(Claim {
+        task,
+        fencing_token: row.try_get("fencing_token")?,
+        watermark: Watermark {
+            cursor: row.try_get("watermark_cursor")?,
+            key: key.unwrap_or_default(),
+        },
+        synced_through: row.try_get("synced_through")?,
+        schema_hash: row.try_get("schema_hash")?,
+        batches_visible_through: row.try_get("batches_visible_through")?,
+    })
 }
