@@ -6,5 +6,6 @@ pub mod ident;
 pub mod insert_id;
 pub mod mapping;
 pub mod model;
+pub mod wire;
 
 pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus};

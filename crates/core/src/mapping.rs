@@ -1,12 +1,13 @@
 //! Postgres → BigQuery type mapping.
 //!
-//! Postgres renders each row as JSON (`row_to_json` over a list of per-column expressions) so the
-//! worker never decodes column values itself: the expression chosen here turns a value into the
-//! exact JSON shape insertAll accepts for the BigQuery type (e.g. `int8` and `numeric` as strings,
-//! so no precision is lost in a JSON number; `bytea` as base64). A column whose type has no
-//! mapping is an error that names the column and its type.
+//! Each column maps to a BigQuery field, the SQL expression the slice reader selects for it and
+//! the [`Wire`] decoder that turns the selected value (binary format) into the JSON insertAll
+//! accepts for the field (see [`crate::wire`]). Most types are selected as they are; types
+//! without a decoder here are cast to `text` in the SQL. A column whose type has no mapping is
+//! an error that names the column and its type.
 
 use crate::ident::quote_pg;
+use crate::wire::Wire;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -112,13 +113,16 @@ pub struct BqField {
     pub mode: FieldMode,
 }
 
-/// A source column with its BigQuery field and the SQL expression that renders it.
+/// A source column with its BigQuery field, the SQL expression that selects it and how its
+/// value is decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MappedColumn {
     pub field: BqField,
-    /// SQL expression over the source row alias `t`, producing a value whose JSON rendering is
-    /// what insertAll wants for `field`.
+    /// SQL expression over the source row alias `t`: the column itself, or cast to `text`
+    /// (`text[]` for arrays) when `wire` is [`Wire::Text`] for a type that is not text.
     pub select_expr: String,
+    /// Decoder of the selected value (of each element, for an array).
+    pub wire: Wire,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -157,42 +161,39 @@ pub fn metadata_fields() -> Vec<BqField> {
     ]
 }
 
-/// Renders a SQL value expression into the JSON-ready expression for its BigQuery type.
-type Render = fn(&str) -> String;
-
-/// How one scalar Postgres type maps: the BigQuery type and how to render a value `v`.
-fn scalar(col: &PgColumn) -> Option<(BqType, Render)> {
-    fn same(v: &str) -> String {
-        v.to_string()
-    }
-    fn text(v: &str) -> String {
-        format!("({v})::text")
-    }
-    fn base64(v: &str) -> String {
-        // encode(.., 'base64') wraps lines at 76 characters; BigQuery wants one line.
-        format!("translate(encode({v}, 'base64'), E'\\n', '')")
-    }
+/// How one scalar Postgres type maps: the BigQuery type, the decoder of its binary value, and
+/// whether the SQL must cast it to `text` first (types without a decoder in [`crate::wire`];
+/// `bpchar` too, whose text form drops the padding, as its JSON rendering always did).
+fn scalar(col: &PgColumn) -> Option<(BqType, Wire, bool)> {
     let t = col.base_type.as_str();
     Some(match (t, col.typtype.as_str()) {
-        (_, "e") | (_, "r") | (_, "m") => (BqType::String, text),
-        ("int2" | "int4", _) => (BqType::Int64, same),
-        // Strings keep all 64 bits; a JSON number would go through f64 somewhere on the way.
-        ("int8" | "oid", _) => (BqType::Int64, text),
-        ("float4" | "float8", _) => (BqType::Float64, same),
-        ("numeric", _) => (numeric_type(col.numeric_precision, col.numeric_scale), text),
-        ("bool", _) => (BqType::Bool, same),
+        (_, "e") | (_, "r") | (_, "m") => (BqType::String, Wire::Text, true),
+        ("int2", _) => (BqType::Int64, Wire::Int2, false),
+        ("int4", _) => (BqType::Int64, Wire::Int4, false),
+        ("int8", _) => (BqType::Int64, Wire::Int8, false),
+        ("oid", _) => (BqType::Int64, Wire::Oid, false),
+        ("float4", _) => (BqType::Float64, Wire::Float4, false),
+        ("float8", _) => (BqType::Float64, Wire::Float8, false),
+        ("numeric", _) => (
+            numeric_type(col.numeric_precision, col.numeric_scale),
+            Wire::Numeric,
+            false,
+        ),
+        ("bool", _) => (BqType::Bool, Wire::Bool, false),
+        ("text" | "varchar" | "name", _) => (BqType::String, Wire::Text, false),
+        ("uuid", _) => (BqType::String, Wire::Uuid, false),
         (
-            "text" | "varchar" | "bpchar" | "name" | "citext" | "uuid" | "inet" | "cidr"
-            | "macaddr" | "macaddr8" | "money" | "interval" | "timetz" | "bit" | "varbit" | "xml"
-            | "char",
+            "bpchar" | "citext" | "inet" | "cidr" | "macaddr" | "macaddr8" | "money" | "interval"
+            | "timetz" | "bit" | "varbit" | "xml" | "char",
             _,
-        ) => (BqType::String, text),
-        ("bytea", _) => (BqType::Bytes, base64),
-        ("date", _) => (BqType::Date, same),
-        ("time", _) => (BqType::Time, same),
-        ("timestamp", _) => (BqType::DateTime, same),
-        ("timestamptz", _) => (BqType::Timestamp, same),
-        ("json" | "jsonb", _) => (BqType::Json, text),
+        ) => (BqType::String, Wire::Text, true),
+        ("bytea", _) => (BqType::Bytes, Wire::Bytea, false),
+        ("date", _) => (BqType::Date, Wire::Date, false),
+        ("time", _) => (BqType::Time, Wire::Time, false),
+        ("timestamp", _) => (BqType::DateTime, Wire::Timestamp, false),
+        ("timestamptz", _) => (BqType::Timestamp, Wire::Timestamptz, false),
+        ("json", _) => (BqType::Json, Wire::Json, false),
+        ("jsonb", _) => (BqType::Json, Wire::Jsonb, false),
         _ => return None,
     })
 }
@@ -226,34 +227,20 @@ pub fn map_column(col: &PgColumn) -> Result<MappedColumn, MappingError> {
             column: col.name.clone(),
         });
     }
-    let (bq_type, render) = scalar(col).ok_or_else(|| MappingError::UnsupportedType {
+    let (bq_type, wire, cast) = scalar(col).ok_or_else(|| MappingError::UnsupportedType {
         column: col.name.clone(),
         pg_type: col.formatted.clone(),
     })?;
     let src = format!("t.{}", quote_pg(&col.name));
-    let (mode, select_expr) = if col.is_array {
-        let flatten = format!(
-            "ARRAY(SELECT {} FROM unnest({src}) WITH ORDINALITY AS a(e, n) WHERE e IS NOT NULL ORDER BY n)",
-            render("a.e")
-        );
-        // array_remove keeps the order and drops NULLs without a subquery per row (that
-        // subquery was about a fifth of Postgres' CPU per row); it refuses multi-dimensional
-        // arrays, which keep the flattening subquery, as do elements that need more than a
-        // cast (bytea).
-        let removed = match render("a.e").as_str() {
-            "a.e" => Some(format!("array_remove({src}, NULL)")),
-            "(a.e)::text" => Some(format!("array_remove({src}, NULL)::text[]")),
-            _ => None,
-        };
-        let expr = match removed {
-            Some(r) => format!(
-                "CASE WHEN array_ndims({src}) > 1 THEN {flatten} ELSE coalesce({r}, '{{}}') END"
-            ),
-            None => format!("coalesce({flatten}, '{{}}')"),
-        };
-        (FieldMode::Repeated, expr)
+    let select_expr = match (cast, col.is_array) {
+        (false, _) => src,
+        (true, false) => format!("({src})::text"),
+        (true, true) => format!("({src})::text[]"),
+    };
+    let mode = if col.is_array {
+        FieldMode::Repeated
     } else {
-        (FieldMode::Nullable, render(&src))
+        FieldMode::Nullable
     };
     Ok(MappedColumn {
         field: BqField {
@@ -262,6 +249,7 @@ pub fn map_column(col: &PgColumn) -> Result<MappedColumn, MappingError> {
             mode,
         },
         select_expr,
+        wire,
     })
 }
 
@@ -286,12 +274,12 @@ mod tests {
     fn maps_common_types() {
         let m = map_column(&col("id", "int8", false)).unwrap();
         assert_eq!(m.field.field_type, BqType::Int64);
-        assert_eq!(m.select_expr, "(t.\"id\")::text");
+        assert_eq!((m.select_expr.as_str(), m.wire), ("t.\"id\"", Wire::Int8));
         let m = map_column(&col("tags", "text", true)).unwrap();
         assert_eq!(m.field.mode, FieldMode::Repeated);
-        assert!(m
-            .select_expr
-            .contains("ELSE coalesce(array_remove(t.\"tags\", NULL)::text[], '{}')"));
+        assert_eq!((m.select_expr.as_str(), m.wire), ("t.\"tags\"", Wire::Text));
+        let m = map_column(&col("nets", "inet", true)).unwrap();
+        assert_eq!(m.select_expr, "(t.\"nets\")::text[]");
         assert_eq!(
             map_column(&col("at", "timestamptz", false))
                 .unwrap()
@@ -344,6 +332,11 @@ mod tests {
     fn enums_and_ranges_become_strings() {
         let mut c = col("kind", "message_type", false);
         c.typtype = "e".into();
-        assert_eq!(map_column(&c).unwrap().field.field_type, BqType::String);
+        let m = map_column(&c).unwrap();
+        assert_eq!(m.field.field_type, BqType::String);
+        assert_eq!(
+            (m.select_expr.as_str(), m.wire),
+            ("(t.\"kind\")::text", Wire::Text)
+        );
     }
 }

@@ -8,6 +8,7 @@ use sqlx::{PgPool, Row};
 use std::time::Duration;
 use tenantsync_core::ident::{quote_pg, sql_ident};
 use tenantsync_core::mapping::{map_column, BqField, PgColumn};
+use tenantsync_core::wire::{self, Wire};
 use tenantsync_core::{Capture, TableSpec};
 
 #[derive(Clone, Debug)]
@@ -15,8 +16,9 @@ pub struct SourceReader {
     pool: PgPool,
 }
 
-/// One source row, ready for insertAll: `json` is the row rendered by Postgres with `_op` and
-/// `_source_ts` included; the worker appends the remaining metadata.
+/// One source row, ready for insertAll: `json` is the row's JSON object (rendered from the
+/// binary column values, see [`tenantsync_core::wire`]) with `_op` and `_source_ts` included;
+/// the worker appends the remaining metadata.
 #[derive(Debug, Clone)]
 pub struct SourceRow {
     pub key: Vec<String>,
@@ -71,7 +73,23 @@ pub struct SlicePlan {
     /// without a column added since (see [`SourceReader::catalog`]).
     pub catalog: Option<String>,
     sql: PlanSql,
+    /// How each source column of a row read is turned into JSON, in select-list order.
+    columns: Vec<RowColumn>,
 }
+
+/// One source column of the slice and range queries' rows.
+#[derive(Debug, Clone)]
+struct RowColumn {
+    name: String,
+    /// `"name":`, the column's key in the row's JSON object.
+    key: String,
+    wire: Wire,
+    array: bool,
+}
+
+/// Columns every slice and range query selects before the source columns: `k`, `c`, `seq`,
+/// `tn`, `cts`, `op`, `catalog` (see [`source_row`]).
+const FIXED_COLUMNS: usize = 7;
 
 /// The prepared SQL texts of a plan.
 #[derive(Debug, Clone)]
@@ -105,7 +123,7 @@ struct CommonSql<'a> {
     range_filter: &'a str,
     deleted: Option<&'a str>,
     with_deletes: &'a dyn Fn(String) -> String,
-    row_json: &'a dyn Fn(&str, &str) -> String,
+    row: &'a dyn Fn(&str, &str, &str) -> String,
 }
 
 impl SlicePlan {
@@ -128,10 +146,20 @@ impl SlicePlan {
             .collect::<Result<Vec<_>>>()?;
 
         let mut fields = Vec::with_capacity(columns.len());
-        let mut exprs = Vec::with_capacity(columns.len() + 2);
+        let mut exprs = Vec::with_capacity(columns.len());
+        let mut row_columns = Vec::with_capacity(columns.len());
         for c in columns {
             let m = map_column(c)?;
-            exprs.push((c.name.clone(), m.select_expr));
+            exprs.push(m.select_expr);
+            let mut key = String::new();
+            wire::string(&c.name, &mut key);
+            key.push(':');
+            row_columns.push(RowColumn {
+                name: c.name.clone(),
+                key,
+                wire: m.wire,
+                array: c.is_array,
+            });
             fields.push(m.field);
         }
         let q = |c: &PgColumn| format!("t.{}", quote_pg(&c.name));
@@ -163,12 +191,11 @@ impl SlicePlan {
             Some(d) => format!("CASE WHEN {d} THEN 'delete' ELSE {op} END"),
             None => op,
         };
-        // `ts` is a timestamptz; the session runs in UTC, so JSON renders it with `+00:00`.
-        let row_json = |op: &str, ts: &str| {
-            let mut pairs = exprs.clone();
-            pairs.push(("_op".into(), op.to_string()));
-            pairs.push(("_source_ts".into(), ts.to_string()));
-            json_object_sql(&pairs)
+        // The columns from `cts` on of a slice or range query: the version's time (a
+        // timestamptz, also `_source_ts`), its op, the catalog fingerprint and the source columns.
+        let cols = exprs.join(", ");
+        let row = |op: &str, ts: &str, catalog: &str| {
+            format!("{ts} AS cts, {op} AS op, {catalog} AS catalog, {cols}")
         };
         let key_text: Vec<String> = keys.iter().map(|k| format!("({})::text", q(k))).collect();
         let key_text = key_text.join(", ");
@@ -219,7 +246,7 @@ impl SlicePlan {
                         range_filter: &range_filter,
                         deleted: deleted.as_deref(),
                         with_deletes: &with_deletes,
-                        row_json: &row_json,
+                        row: &row,
                     },
                 )?
             }
@@ -230,15 +257,19 @@ impl SlicePlan {
                 // left out come back NULL, which is what merge mode expects.
                 let base = format!(
                     "SELECT c.key AS k, c.txid::text AS c, c.seq::text AS seq, ({tn})::text AS tn,
-                            c.changed_at AS cts, {j} AS j, {catalog} AS catalog
+                            {r}
                      FROM {ct} c CROSS JOIN LATERAL jsonb_populate_record(NULL::{source}, c.row) t
                      WHERE c.tenant = $1::text AND $2::timestamptz IS NOT NULL
                        AND c.txid < pg_snapshot_xmin(pg_current_snapshot())",
-                    j = row_json(&with_deletes("c.op".into()), "c.changed_at"),
+                    r = row(&with_deletes("c.op".into()), "c.changed_at", &catalog),
                 );
                 let tail = "ORDER BY c.txid, c.seq LIMIT $3";
                 // A repair sends the current row as a version newer than every change so far.
-                let now_json = row_json(&with_deletes("'update'".into()), "clock_timestamp()");
+                let now_row = row(
+                    &with_deletes("'update'".into()),
+                    "clock_timestamp()",
+                    "NULL::text",
+                );
                 PlanSql {
                     first_sql: format!("{base} {tail}"),
                     next_sql: format!(
@@ -246,7 +277,7 @@ impl SlicePlan {
                     ),
                     range_sql: format!(
                         "SELECT ARRAY[{key_text}] AS k, clock_timestamp()::text AS c, NULL::text AS seq,
-                                ({tn})::text AS tn, clock_timestamp() AS cts, {now_json} AS j
+                                ({tn})::text AS tn, {now_row}
                          FROM {source} t
                          WHERE {tn} = $1::text::{tn_type} AND $2::timestamptz IS NOT NULL {range_filter}"
                     ),
@@ -298,6 +329,7 @@ impl SlicePlan {
             key_columns: spec.key_columns.clone(),
             capture: spec.capture,
             sql,
+            columns: row_columns,
         })
     }
 
@@ -347,11 +379,10 @@ impl SlicePlan {
         // The fingerprint is uncorrelated: Postgres computes it once per read, not per row.
         let base = format!(
             "SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c, NULL::text AS seq, ({tn})::text AS tn,
-                    ({cur_tz}) AS cts, {j} AS j, {catalog} AS catalog
+                    {r}
              FROM {source} t
              WHERE {tn} = $1::text::{tn_type} AND {cur} < {horizon}",
-            j = (s.row_json)(&op, &cur_tz),
-            catalog = s.catalog,
+            r = (s.row)(&op, &format!("({cur_tz})"), s.catalog),
         );
         // Watermark parameters start at $4, all bound as text and cast to the column types so
         // the comparison (and the index on them) works on real values, not strings.
@@ -580,11 +611,11 @@ impl SourceReader {
             if let Some(expected) = &plan.catalog {
                 // Checked on the first row, before anything is handed on: every row of a read
                 // carries the same value.
-                if out.is_empty() && r.try_get::<Option<&str>, _>("catalog")? != Some(expected) {
+                if out.is_empty() && r.try_get::<Option<&str>, _>(6)? != Some(expected) {
                     return Err(StoreError::CatalogChanged(plan.table.clone()));
                 }
             }
-            out.push(f(source_row(&r)?));
+            out.push(f(source_row(plan, &r)?));
         }
         Ok(out)
     }
@@ -669,51 +700,68 @@ impl SourceReader {
         let mut out = Vec::new();
         let mut rows = q.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.push(source_row(&r)?);
+            out.push(source_row(plan, &r)?);
         }
         Ok(out)
     }
 }
 
-/// `json_build_object('name', expr, …)::text` for `(name, expr)` pairs: the row's JSON without
-/// the per-row subquery that `row_to_json` of a sub-SELECT costs (about a fifth of Postgres'
-/// CPU per row). The function takes at most 100 arguments, so wider rows are built from
-/// several objects spliced as text (`{a, b` + `, ` + `c}`).
-fn json_object_sql(pairs: &[(String, String)]) -> String {
-    let objects: Vec<String> = pairs
-        .chunks(50)
-        .map(|c| {
-            let args: Vec<String> = c
-                .iter()
-                .map(|(name, expr)| format!("'{}', {expr}", name.replace('\'', "''")))
-                .collect();
-            format!("json_build_object({})::text", args.join(", "))
-        })
-        .collect();
-    let n = objects.len();
-    if n == 1 {
-        return format!("({})", objects[0]);
+/// A row of the slice and range queries: `k`, `c`, `seq`, `tn`, `cts`, `op`, `catalog`, then
+/// the source columns, whose binary values become the row's JSON object here. NULL scalars are
+/// left out of the object (insertAll reads a missing field as NULL, and the request is smaller);
+/// a NULL array is `[]`.
+fn source_row(plan: &SlicePlan, r: &sqlx::postgres::PgRow) -> Result<SourceRow> {
+    let cts_raw = r.try_get_raw(4)?;
+    let cts_bytes = binary(&cts_raw, "cts")?;
+    let cursor_ts: DateTime<Utc> = r.try_get(4)?;
+    let op: &str = r.try_get(5)?;
+    let mut json = String::with_capacity(64 + 48 * plan.columns.len());
+    json.push('{');
+    for (i, c) in plan.columns.iter().enumerate() {
+        let bytes = binary(&r.try_get_raw(FIXED_COLUMNS + i)?, &c.name)?;
+        if bytes.is_none() && !c.array {
+            continue;
+        }
+        if json.len() > 1 {
+            json.push(',');
+        }
+        json.push_str(&c.key);
+        wire::render(c.wire, c.array, bytes, &mut json).map_err(|e| {
+            StoreError::Invalid(format!("column {:?} of {}: {e}", c.name, plan.table))
+        })?;
     }
-    let parts: Vec<String> = objects
-        .iter()
-        .enumerate()
-        .map(|(i, o)| match (i == 0, i == n - 1) {
-            (true, _) => format!("left({o}, -1)"),
-            (_, true) => format!("substr({o}, 2)"),
-            _ => format!("substr(left({o}, -1), 2)"),
-        })
-        .collect();
-    format!("({})", parts.join(" || ', ' || "))
+    if json.len() > 1 {
+        json.push(',');
+    }
+    json.push_str("\"_op\":");
+    wire::string(op, &mut json);
+    json.push_str(",\"_source_ts\":");
+    wire::render(Wire::Timestamptz, false, cts_bytes, &mut json)
+        .map_err(|e| StoreError::Invalid(format!("_source_ts of {}: {e}", plan.table)))?;
+    json.push('}');
+    Ok(SourceRow {
+        key: r.try_get(0)?,
+        cursor: r.try_get(1)?,
+        cursor_ts,
+        tenant: r.try_get(3)?,
+        json,
+        seq: r.try_get(2)?,
+    })
 }
 
-/// A row of the slice and range queries (columns `k`, `c`, `cts`, `tn`, `j`).
-fn source_row(r: &sqlx::postgres::PgRow) -> Result<SourceRow> {
-    Ok(SourceRow {
-        key: r.try_get("k")?,
-        cursor: r.try_get("c")?,
-        cursor_ts: r.try_get("cts")?,
-        tenant: r.try_get("tn")?,
-        json: r.try_get("j")?,
-        seq: r.try_get("seq")?,
-    })
+/// The bytes of a non-NULL value in binary format (sqlx asks for binary results; a text value
+/// here would be decoded as garbage, so it is refused).
+fn binary<'r>(v: &sqlx::postgres::PgValueRef<'r>, what: &str) -> Result<Option<&'r [u8]>> {
+    use sqlx::ValueRef;
+    if v.is_null() {
+        return Ok(None);
+    }
+    if v.format() != sqlx::postgres::PgValueFormat::Binary {
+        return Err(StoreError::Invalid(format!(
+            "{what}: the database sent a text value where a binary one was requested"
+        )));
+    }
+    v.as_bytes()
+        .map(Some)
+        .map_err(|e| StoreError::Invalid(format!("{what}: {e}")))
 }
