@@ -101,7 +101,7 @@ pub async fn sync_while_writing(
     pick: PickSql,
     wait: Duration,
 ) -> Result<u64> {
-    let run = env.spawn("run", &["run"], &[]);
+    let mut run = env.spawn("run", &["run"], &[]);
     let ops = random_writers(
         env.source_pool(),
         tenants,
@@ -112,6 +112,8 @@ pub async fn sync_while_writing(
     )
     .await?;
     env.wait_synced_through(chrono::Utc::now(), wait).await?;
-    drop(run);
+    // A graceful stop: a slice that just committed still deletes the changes it sent
+    // (changelog capture) before the process exits, so the caller can count what is left.
+    run.stop(Duration::from_secs(30));
     Ok(ops)
 }

@@ -363,6 +363,24 @@ impl Proc {
             .unwrap_or(false);
         assert!(ok, "kill {sig} {} failed", self.name);
     }
+
+    /// Stop the process the way an operator does (SIGTERM: it finishes its slices in flight,
+    /// including what follows their commit) and wait for it to exit; killed after `limit`.
+    pub fn stop(&mut self, limit: Duration) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Proc {

@@ -250,6 +250,19 @@ async fn every_type_renders_as_postgres_renders_it_and_bigquery_takes_it() {
         );
     }
 
+    // Key, cursor and tenant texts, printed by the worker from the binary values, are Postgres'.
+    let texts: Vec<(Vec<String>, String, String)> = sqlx::query_as(
+        "SELECT ARRAY[id::text], updated_at::text, organization_id::text
+         FROM types ORDER BY updated_at, id",
+    )
+    .fetch_all(env.source_pool())
+    .await
+    .unwrap();
+    for (row, (key, cursor, tenant)) in rows.iter().zip(&texts) {
+        assert_eq!((&row.key, &row.cursor), (key, cursor));
+        assert_eq!(row.tenant.as_ref(), Some(tenant));
+    }
+
     // The everyday and the all-NULL rows reach BigQuery, with values BigQuery reads back.
     sqlx::raw_sql("DELETE FROM types WHERE id = 2")
         .execute(env.source_pool())
@@ -280,5 +293,84 @@ async fn every_type_renders_as_postgres_renders_it_and_bigquery_takes_it() {
         got[1],
         ["1", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "0", "0", "NULL", "NULL"]
     );
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_cursor_and_tenant_texts_are_postgres_own_and_watermarks_round_trip() {
+    // A composite key of five types, a text tenant and a `timestamp` cursor: the worker prints
+    // these texts itself, and a watermark made of them must cast back to the exact values.
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE keyed (k_num numeric, k_date date, k_ts timestamp, k_uuid uuid, k_i2 smallint,
+                             org text NOT NULL, changed timestamp NOT NULL, note text,
+                             PRIMARY KEY (k_num, k_date, k_ts, k_uuid, k_i2));
+         INSERT INTO keyed
+         SELECT (g * 1.25)::numeric(10, 3), date '2024-02-28' + g, timestamp '2024-01-01' + g * interval '1.000001 s',
+                md5(g::text)::uuid, (g - 3)::smallint, 'tenant-α', timestamp '2024-03-01 10:00:00.5' + (g % 3) * interval '1 ms',
+                'row ' || g
+         FROM generate_series(1, 9) g;
+         INSERT INTO keyed VALUES (-0.5, '0010-01-01 BC', '1999-12-31 23:59:59.999999', gen_random_uuid(), 0,
+                                   'tenant-α', '2024-03-01 10:00:00.5', 'old');",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let spec = tenantsync_worker::onboard::add_table(
+        &env.control,
+        &env.source,
+        tenantsync_store::control::NewTableSpec {
+            source_schema: "public".into(),
+            source_table: "keyed".into(),
+            key_columns: vec![],
+            cursor_column: "changed".into(),
+            tenant_column: "org".into(),
+            mode: tenantsync_core::Mode::Latest,
+            sync_interval_ms: 100,
+            slice_rows: 100,
+            soft_delete_column: None,
+            capture: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let columns = env.source.columns("public", "keyed").await.unwrap();
+    let plan = SlicePlan::build(&spec, &columns).unwrap();
+    let all = env
+        .source
+        .read_slice(
+            &plan,
+            "tenant-α",
+            &Watermark::default(),
+            chrono::Utc::now(),
+            100,
+        )
+        .await
+        .unwrap();
+    let want: Vec<(Vec<String>, String, String)> = sqlx::query_as(
+        "SELECT ARRAY[k_num::text, k_date::text, k_ts::text, k_uuid::text, k_i2::text],
+                changed::text, org::text
+         FROM keyed ORDER BY changed, k_num, k_date, k_ts, k_uuid, k_i2",
+    )
+    .fetch_all(env.source_pool())
+    .await
+    .unwrap();
+    assert_eq!(all.len(), 10);
+    let got: Vec<(Vec<String>, String, String)> = all
+        .iter()
+        .map(|r| (r.key.clone(), r.cursor.clone(), r.tenant.clone().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    // Resuming after each row's watermark gives exactly the rows after it.
+    for (i, r) in all.iter().enumerate() {
+        let rest = env
+            .source
+            .read_slice(&plan, "tenant-α", &r.watermark(), chrono::Utc::now(), 100)
+            .await
+            .unwrap();
+        let keys: Vec<&Vec<String>> = rest.iter().map(|r| &r.key).collect();
+        let expected: Vec<&Vec<String>> = all[i + 1..].iter().map(|r| &r.key).collect();
+        assert_eq!(keys, expected, "after row {i}");
+    }
     env.cleanup().await.unwrap();
 }

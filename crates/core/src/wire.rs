@@ -120,16 +120,10 @@ fn scalar(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
             let n = i32::from_be_bytes(v.try_into().map_err(|_| bad())?);
             out.push_str(itoa::Buffer::new().format(n));
         }
-        Wire::Int8 => {
-            let n = i64::from_be_bytes(v.try_into().map_err(|_| bad())?);
+        // Strings: the text form, which has nothing to escape.
+        Wire::Int8 | Wire::Oid | Wire::Numeric | Wire::Uuid | Wire::Date => {
             out.push('"');
-            out.push_str(itoa::Buffer::new().format(n));
-            out.push('"');
-        }
-        Wire::Oid => {
-            let n = u32::from_be_bytes(v.try_into().map_err(|_| bad())?);
-            out.push('"');
-            out.push_str(itoa::Buffer::new().format(n));
+            pg_text(wire, v, out)?;
             out.push('"');
         }
         Wire::Float4 => {
@@ -146,11 +140,6 @@ fn scalar(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
                 false => non_finite(f, out),
             }
         }
-        Wire::Numeric => {
-            out.push('"');
-            numeric(v, out).ok_or_else(bad)?;
-            out.push('"');
-        }
         Wire::Bool => match v {
             [0] => out.push_str("false"),
             [_] => out.push_str("true"),
@@ -162,39 +151,9 @@ fn scalar(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
             Some((1, doc)) => string(std::str::from_utf8(doc).map_err(|_| not_utf8(wire))?, out),
             _ => return Err(bad()),
         },
-        Wire::Uuid => {
-            let b: [u8; 16] = v.try_into().map_err(|_| bad())?;
-            let h = hex::encode(b);
-            out.push('"');
-            for (i, range) in [0..8, 8..12, 12..16, 16..20, 20..32]
-                .into_iter()
-                .enumerate()
-            {
-                if i > 0 {
-                    out.push('-');
-                }
-                out.push_str(&h[range]);
-            }
-            out.push('"');
-        }
         Wire::Bytea => {
             out.push('"');
             base64::engine::general_purpose::STANDARD.encode_string(v, out);
-            out.push('"');
-        }
-        Wire::Date => {
-            let days = i32::from_be_bytes(v.try_into().map_err(|_| bad())?);
-            out.push('"');
-            match days {
-                i32::MAX => out.push_str("infinity"),
-                i32::MIN => out.push_str("-infinity"),
-                d => {
-                    let bc = date(d, out).ok_or_else(bad)?;
-                    if bc {
-                        out.push_str(" BC");
-                    }
-                }
-            }
             out.push('"');
         }
         Wire::Time => {
@@ -205,10 +164,81 @@ fn scalar(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
         }
         Wire::Timestamp | Wire::Timestamptz => {
             let us = i64::from_be_bytes(v.try_into().map_err(|_| bad())?);
+            let tz = if wire == Wire::Timestamptz {
+                "+00:00"
+            } else {
+                ""
+            };
             out.push('"');
-            timestamp(us, wire == Wire::Timestamptz, out).ok_or_else(bad)?;
+            timestamp(us, 'T', tz, out).ok_or_else(bad)?;
             out.push('"');
         }
+    }
+    Ok(())
+}
+
+/// Whether [`pg_text`] gives the text form of values decoded with `wire`.
+pub fn has_pg_text(wire: Wire) -> bool {
+    matches!(
+        wire,
+        Wire::Int2
+            | Wire::Int4
+            | Wire::Int8
+            | Wire::Oid
+            | Wire::Numeric
+            | Wire::Text
+            | Wire::Uuid
+            | Wire::Date
+            | Wire::Timestamp
+            | Wire::Timestamptz
+    )
+}
+
+/// Append what `value::text` prints in a session with DateStyle ISO and TimeZone UTC (the
+/// worker's sessions), for the types [`has_pg_text`] accepts: the reader builds a row's key,
+/// cursor and tenant texts from the values it selects anyway instead of asking Postgres to
+/// print them a second time. The texts equal Postgres' (`tests/tests/types.rs`), so they cast
+/// back to the column's type exactly (watermarks) and compare with the tenant's organization
+/// id as before.
+pub fn pg_text(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
+    let bad = || WireError::Malformed { wire, len: v.len() };
+    let mut b = itoa::Buffer::new();
+    match wire {
+        Wire::Int2 => out.push_str(b.format(i16::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+        Wire::Int4 => out.push_str(b.format(i32::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+        Wire::Int8 => out.push_str(b.format(i64::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+        Wire::Oid => out.push_str(b.format(u32::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+        Wire::Numeric => numeric(v, out).ok_or_else(bad)?,
+        Wire::Text => out.push_str(std::str::from_utf8(v).map_err(|_| not_utf8(wire))?),
+        Wire::Uuid => {
+            let b: [u8; 16] = v.try_into().map_err(|_| bad())?;
+            let mut h = [0u8; 32];
+            hex::encode_to_slice(b, &mut h).map_err(|_| bad())?;
+            for (i, range) in [0..8, 8..12, 12..16, 16..20, 20..32]
+                .into_iter()
+                .enumerate()
+            {
+                if i > 0 {
+                    out.push('-');
+                }
+                out.extend(h[range].iter().map(|&c| char::from(c)));
+            }
+        }
+        Wire::Date => match i32::from_be_bytes(v.try_into().map_err(|_| bad())?) {
+            i32::MAX => out.push_str("infinity"),
+            i32::MIN => out.push_str("-infinity"),
+            d => {
+                if date(d, out).ok_or_else(bad)? {
+                    out.push_str(" BC");
+                }
+            }
+        },
+        Wire::Timestamp | Wire::Timestamptz => {
+            let us = i64::from_be_bytes(v.try_into().map_err(|_| bad())?);
+            let tz = if wire == Wire::Timestamptz { "+00" } else { "" };
+            timestamp(us, ' ', tz, out).ok_or_else(bad)?;
+        }
+        _ => return Err(bad()),
     }
     Ok(())
 }
@@ -365,20 +395,19 @@ fn time(us: i64, out: &mut String) {
     }
 }
 
-/// ISO 8601 like Postgres' JSON rendering: `2024-01-31T12:00:00.5`, with `+00:00` for
-/// `timestamptz` (rendered in UTC), ` BC` after BC dates, `infinity`/`-infinity` as is.
-fn timestamp(us: i64, tz: bool, out: &mut String) -> Option<()> {
+/// `2024-01-31<sep>12:00:00.5<tz>` (the fraction without trailing zeros), ` BC` after BC dates,
+/// `infinity`/`-infinity` as is: Postgres' JSON rendering with `T` and `+00:00`, its text
+/// output with a space and `+00`.
+fn timestamp(us: i64, sep: char, tz: &str, out: &mut String) -> Option<()> {
     match us {
         i64::MAX => out.push_str("infinity"),
         i64::MIN => out.push_str("-infinity"),
         _ => {
             let days = i32::try_from(us.div_euclid(USECS_PER_DAY)).ok()?;
             let bc = date(days, out)?;
-            out.push('T');
+            out.push(sep);
             time(us.rem_euclid(USECS_PER_DAY), out);
-            if tz {
-                out.push_str("+00:00");
-            }
+            out.push_str(tz);
             if bc {
                 out.push_str(" BC");
             }
@@ -499,6 +528,27 @@ mod tests {
             "\"01:02:03\""
         );
         assert_eq!(unix_micros(&0i64.to_be_bytes()), Some(946_684_800_000_000));
+    }
+
+    #[test]
+    fn text_forms_match_postgres_output() {
+        let t = |wire, v: &[u8]| {
+            let mut s = String::new();
+            pg_text(wire, v, &mut s).unwrap();
+            s
+        };
+        assert_eq!(t(Wire::Int8, &42i64.to_be_bytes()), "42");
+        let us: i64 = 86_400_000_000 + 3_723_500_000;
+        assert_eq!(
+            t(Wire::Timestamptz, &us.to_be_bytes()),
+            "2000-01-02 01:02:03.5+00"
+        );
+        assert_eq!(
+            t(Wire::Timestamp, &0i64.to_be_bytes()),
+            "2000-01-01 00:00:00"
+        );
+        assert!(has_pg_text(Wire::Uuid) && !has_pg_text(Wire::Float8));
+        assert!(pg_text(Wire::Float8, &[0; 8], &mut String::new()).is_err());
     }
 
     #[test]
