@@ -803,7 +803,8 @@ fn source_row(plan: &SlicePlan, r: &sqlx::postgres::PgRow) -> Result<SourceRow> 
             StoreError::Invalid(format!("a row of {} has no version time", plan.table))
         })?;
     let op = text(5, "op")?.unwrap_or_default();
-    let mut json = String::with_capacity(64 + 48 * plan.columns.len());
+    // Room for the row and the metadata the worker adds around it (about 200 bytes).
+    let mut json = String::with_capacity(256 + 48 * plan.columns.len());
     json.push('{');
     for (i, c) in plan.columns.iter().enumerate() {
         let bytes = binary(&r.try_get_raw(FIXED_COLUMNS + i)?, &c.name)?;

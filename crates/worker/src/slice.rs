@@ -730,8 +730,9 @@ impl Worker {
                 p.horizon,
                 p.want,
                 |mut r| {
-                    let body = payload(p.tenant.id, &plan.table, &r, p.batch_id, p.synced_at);
-                    r.json = String::new();
+                    let json = std::mem::take(&mut r.json);
+                    let body =
+                        payload_from(p.tenant.id, &plan.table, &r, json, p.batch_id, p.synced_at);
                     (r, body)
                 },
             )
@@ -1073,7 +1074,7 @@ struct Page {
 }
 
 /// `{"insertId":…,"json":{<row>,"_synced_at":…,"_batch_id":…,"_version_id":…}}`, spliced
-/// from the JSON Postgres rendered, without parsing it.
+/// from the row's JSON object without parsing it.
 pub(crate) fn payload(
     tenant_id: i64,
     table: &str,
@@ -1081,22 +1082,34 @@ pub(crate) fn payload(
     batch_id: &str,
     synced_at: &str,
 ) -> String {
-    let id = insert_id(tenant_id, table, &r.key, &r.cursor, &r.json);
-    let body = r.json.trim_end();
-    let body = body.strip_suffix('}').unwrap_or(body);
-    let mut s = String::with_capacity(body.len() + 160);
-    s.push_str("{\"insertId\":\"");
-    s.push_str(&id);
-    s.push_str("\",\"json\":");
-    s.push_str(body);
-    s.push_str(",\"_synced_at\":\"");
-    s.push_str(synced_at);
-    s.push_str("\",\"_batch_id\":\"");
-    s.push_str(batch_id);
-    s.push_str("\",\"_version_id\":\"");
-    s.push_str(&id);
-    s.push_str("\"}}");
-    s
+    payload_from(tenant_id, table, r, r.json.clone(), batch_id, synced_at)
+}
+
+/// [`payload`] built in the buffer of `json` (the row's JSON, `r.json` taken out of the row):
+/// the reader leaves room for the metadata, so a row costs no second allocation and copy.
+fn payload_from(
+    tenant_id: i64,
+    table: &str,
+    r: &SourceRow,
+    mut json: String,
+    batch_id: &str,
+    synced_at: &str,
+) -> String {
+    let id = insert_id(tenant_id, table, &r.key, &r.cursor, &json);
+    json.truncate(json.trim_end().len());
+    if json.ends_with('}') {
+        json.pop();
+    }
+    json.reserve(100 + 2 * id.len() + synced_at.len() + batch_id.len());
+    json.insert_str(0, &["{\"insertId\":\"", &id, "\",\"json\":"].concat());
+    json.push_str(",\"_synced_at\":\"");
+    json.push_str(synced_at);
+    json.push_str("\",\"_batch_id\":\"");
+    json.push_str(batch_id);
+    json.push_str("\",\"_version_id\":\"");
+    json.push_str(&id);
+    json.push_str("\"}}");
+    json
 }
 
 #[cfg(test)]
