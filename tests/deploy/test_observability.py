@@ -22,6 +22,7 @@ CONTRACT = {
     "tenantsync_sync_slices_total": ("counter", {"outcome"}),
     "tenantsync_bigquery_insert_requests_total": ("counter", {"outcome"}),
     "tenantsync_bigquery_insert_duration_seconds": ("histogram", set()),
+    "tenantsync_control_batch_tasks": ("histogram", set()),
     "tenantsync_ratelimit_wait_seconds_total": ("counter", {"tenant"}),
     "tenantsync_lease_acquired_total": ("counter", set()),
     "tenantsync_lease_lost_total": ("counter", set()),

@@ -405,3 +405,127 @@ async fn a_row_wider_than_one_json_object_arrives_whole() {
     );
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_and_commits_of_several_tasks_in_one_statement_keep_each_task_apart() {
+    // The worker sends the claims (and commits) of slices that start (end) together as one
+    // statement: each task still gets its own token and result, a paused tenant's task is
+    // not claimed, and a superseded token is refused for its task only.
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1, 2, 3], 5)
+        .await
+        .unwrap();
+    let tables = env.add_demo_tables().await.unwrap();
+    let mut tasks = Vec::new();
+    for org in [1i64, 2, 3] {
+        let t = env.add_tenant(&format!("org-{org}"), org).await.unwrap();
+        tasks.push(env.task(&t, &tables[0]).await);
+    }
+    let (ok, out) = env.cli(&["tenant", "pause", "org-3"]);
+    assert!(ok, "{out}");
+    let missing = TaskId {
+        tenant_id: 999_999,
+        table_id: tables[0].id,
+    };
+    let mut batch = tasks.clone();
+    batch.push(missing);
+    let starts = env.control.start_slices(&batch).await.unwrap();
+    assert_eq!(starts.len(), 4);
+    let claims: Vec<_> = starts[..2]
+        .iter()
+        .map(|s| {
+            s.as_ref()
+                .unwrap()
+                .claim
+                .clone()
+                .expect("active tenant is claimed")
+        })
+        .collect();
+    assert_eq!(claims[0].task, tasks[0]);
+    assert_eq!(claims[1].task, tasks[1]);
+    let paused = starts[2].as_ref().unwrap();
+    assert_eq!(paused.tenant.slug, "org-3");
+    assert!(
+        paused.claim.is_none(),
+        "a paused tenant's task is not claimed"
+    );
+    assert!(
+        starts[3].is_err(),
+        "a task that does not exist is an error of its own"
+    );
+
+    // Task 1 is claimed again behind the batch's back: its token is superseded.
+    let newer = env.control.claim(tasks[1]).await.unwrap();
+    assert!(newer.fencing_token > claims[1].fencing_token);
+    let finish = |c: &tenantsync_store::control::tasks::Claim, cursor: &str| {
+        tenantsync_store::control::tasks::FinishRequest {
+            claim: c.clone(),
+            progress: tenantsync_store::control::tasks::Progress {
+                watermark: Some(tenantsync_store::control::tasks::Watermark {
+                    cursor: Some(cursor.into()),
+                    key: vec!["42".into()],
+                }),
+                synced_through: Some(chrono::Utc::now()),
+                rows: 1,
+                next_run_in: std::time::Duration::from_secs(60),
+                rerun_if_changed_in: None,
+                error: None,
+                batches_visible_through: None,
+            },
+            run: tenantsync_store::control::tasks::RunRecord {
+                task: c.task,
+                worker: "test".into(),
+                fencing_token: c.fencing_token,
+                started_at: chrono::Utc::now(),
+                duration: std::time::Duration::from_millis(5),
+                rows: 1,
+                outcome: "ok",
+                error: None,
+            },
+            compact_every: None,
+        }
+    };
+    let done = env
+        .control
+        .finish_slices(&[
+            finish(&claims[0], "2024-01-01 00:00:00+00"),
+            finish(&claims[1], "2024-01-02 00:00:00+00"),
+        ])
+        .await
+        .unwrap();
+    use tenantsync_store::control::tasks::Commit;
+    assert_eq!(done[0].commit, Commit::Committed);
+    assert_eq!(done[1].commit, Commit::Fenced);
+    let state: Vec<(i64, Option<String>, Option<Vec<String>>)> = sqlx::query_as(
+        "SELECT tenant_id, watermark_cursor, watermark_key FROM sync_state
+         WHERE table_id = $1 AND tenant_id = ANY($2) ORDER BY tenant_id",
+    )
+    .bind(tables[0].id)
+    .bind(vec![tasks[0].tenant_id, tasks[1].tenant_id])
+    .fetch_all(env.control.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        state[0],
+        (
+            tasks[0].tenant_id,
+            Some("2024-01-01 00:00:00+00".into()),
+            Some(vec!["42".into()])
+        )
+    );
+    assert_eq!(state[1].1, None, "the fenced commit moved nothing");
+    let runs: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT tenant_id, outcome FROM sync_runs WHERE worker = 'test' ORDER BY tenant_id",
+    )
+    .fetch_all(env.control.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        [
+            (tasks[0].tenant_id, "ok".to_string()),
+            (tasks[1].tenant_id, "fenced".to_string())
+        ]
+    );
+    env.cleanup().await.unwrap();
+}

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 use tenantsync_store::control::tasks::Watermark;
-use tenantsync_store::SlicePlan;
+use tenantsync_store::{GroupRead, SlicePlan};
 use tenantsync_tests::{cell, TestEnv};
 
 /// (column, type, how Postgres rendered it for insertAll: `same`, `text` or `base64`).
@@ -211,8 +211,9 @@ async fn every_type_renders_as_postgres_renders_it_and_bigquery_takes_it() {
     }
     let spec = env.add_table("types", "organization_id").await.unwrap();
     let (columns, fingerprint) = env.source.catalog("public", "types").await.unwrap();
-    let mut plan = SlicePlan::build(&spec, &columns).unwrap();
-    plan.catalog = Some(fingerprint);
+    let plan = SlicePlan::build(&spec, &columns)
+        .unwrap()
+        .with_catalog(fingerprint);
     let rows = env
         .source
         .read_slice(&plan, "1", &Watermark::default(), chrono::Utc::now(), 100)
@@ -372,5 +373,61 @@ async fn key_cursor_and_tenant_texts_are_postgres_own_and_watermarks_round_trip(
         let expected: Vec<&Vec<String>> = all[i + 1..].iter().map(|r| &r.key).collect();
         assert_eq!(keys, expected, "after row {i}");
     }
+
+    // Several tenants' slices read in one statement get what each would read alone.
+    sqlx::raw_sql(
+        "INSERT INTO keyed SELECT k_num + 100, k_date, k_ts, gen_random_uuid(), k_i2, 'tenant-β',
+                                  changed + interval '1 ms', note FROM keyed",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    let beta = env
+        .source
+        .read_slice(&plan, "tenant-β", &Watermark::default(), now, 100)
+        .await
+        .unwrap();
+    assert_eq!(beta.len(), 10);
+    let (wa, wb) = (all[1].watermark(), beta[4].watermark());
+    let reqs = [
+        GroupRead {
+            organization_id: "tenant-α",
+            watermark: &wa,
+            horizon: now,
+            limit: 3,
+        },
+        GroupRead {
+            organization_id: "tenant-β",
+            watermark: &wb,
+            horizon: now,
+            limit: 100,
+        },
+        GroupRead {
+            organization_id: "tenant-γ",
+            watermark: &wa,
+            horizon: now,
+            limit: 100,
+        },
+    ];
+    let got = env.source.read_slices(&plan, &reqs).await.unwrap();
+    let keys = |rows: &[tenantsync_store::SourceRow]| -> Vec<Vec<String>> {
+        rows.iter().map(|r| r.key.clone()).collect()
+    };
+    assert_eq!(keys(&got[0]), keys(&all[2..5]));
+    assert_eq!(keys(&got[1]), keys(&beta[5..]));
+    assert!(got[2].is_empty());
+    assert!(got[1]
+        .iter()
+        .all(|r| r.tenant.as_deref() == Some("tenant-β")));
+    let alone = env
+        .source
+        .read_slice(&plan, "tenant-β", &wb, now, 100)
+        .await
+        .unwrap();
+    let json = |rows: &[tenantsync_store::SourceRow]| -> Vec<String> {
+        rows.iter().map(|r| r.json.clone()).collect()
+    };
+    assert_eq!(json(&got[1]), json(&alone));
     env.cleanup().await.unwrap();
 }

@@ -7,7 +7,7 @@ pub mod source;
 
 pub use control::ControlPlane;
 pub use error::{Result, StoreError};
-pub use source::{SlicePlan, SourceReader, SourceRow};
+pub use source::{GroupRead, SlicePlan, SourceReader, SourceRow};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;

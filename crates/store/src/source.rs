@@ -139,6 +139,9 @@ struct PlanSql {
     pending_sql: Option<String>,
     changed_sql: String,
     backlog_sql: String,
+    /// Cursor capture: the next rows of several tenants in one statement (see
+    /// [`SourceReader::read_slices`]).
+    group_sql: Option<String>,
     /// Parts of the watermark's key: the key columns (cursor), or the change's seq (changelog).
     watermark_parts: usize,
 }
@@ -330,6 +333,7 @@ impl SlicePlan {
                          FROM {source} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
                         del = deleted.as_deref().unwrap_or("false"),
                     ),
+                    group_sql: None,
                     pending_sql: Some(format!(
                         "SELECT DISTINCT key FROM {ct} WHERE tenant = $1::text"
                     )),
@@ -374,6 +378,27 @@ impl SlicePlan {
             columns: row_columns,
             derived,
         })
+    }
+
+    /// The plan for columns whose catalog fingerprint is `fingerprint` (see [`Self::catalog`]).
+    /// The fingerprint also goes into the text of the statements that select the columns, as
+    /// a comment: after a column changes type, a plan built again has statements of its own
+    /// instead of the ones each connection prepared for the old plan, which Postgres refuses
+    /// to run ("cached plan must not change result type") because their result type changed.
+    pub fn with_catalog(mut self, fingerprint: String) -> Self {
+        let tag = format!("/* catalog {} */ ", fingerprint.replace('*', ""));
+        for sql in [
+            &mut self.sql.first_sql,
+            &mut self.sql.next_sql,
+            &mut self.sql.range_sql,
+        ]
+        .into_iter()
+        .chain(self.sql.group_sql.as_mut())
+        {
+            sql.insert_str(0, &tag);
+        }
+        self.catalog = Some(fingerprint);
+        self
     }
 
     fn cursor_sql(
@@ -460,6 +485,41 @@ impl SlicePlan {
             wm_params.join(", ")
         );
         let range_sql = format!("{base} {}", s.range_filter);
+        // The next rows of several tenants, each after its own watermark and below its own
+        // horizon, in one statement: one index range per tenant, as `next_sql` reads it, and
+        // each row tagged with its request's position (`i`, after the source columns).
+        let horizon_w = if cursor_is_tz {
+            "w.h".to_string()
+        } else {
+            "(w.h AT TIME ZONE 'UTC')".to_string()
+        };
+        let wm_cols: Vec<String> = (0..=s.keys.len()).map(|i| format!("w{i}")).collect();
+        let wm_w: Vec<String> = std::iter::once(cursor)
+            .chain(s.keys.iter().copied())
+            .enumerate()
+            .map(|(i, c)| format!("w.w{i}::{}", c.sql_type))
+            .collect();
+        let wm_arrays: Vec<String> = (0..=s.keys.len())
+            .map(|i| format!("${}::text[]", i + 4))
+            .collect();
+        let group_sql = format!(
+            "SELECT {texts}, {r}, w.i
+             FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], {arrays})
+                  WITH ORDINALITY AS w(tenant, h, lim, {cols}, i)
+             CROSS JOIN LATERAL (
+                 SELECT * FROM {source} t
+                 WHERE {tn} = w.tenant::{tn_type}
+                   AND ({tn}, {cur}) < (w.tenant::{tn_type}, {horizon_w})
+                   AND ({tn}, {order}) > (w.tenant::{tn_type}, {wm})
+                 ORDER BY {order} LIMIT w.lim
+             ) t
+             ORDER BY w.i, {order}",
+            r = (s.row)(&op, &format!("({cur_tz})"), s.catalog),
+            arrays = wm_arrays.join(", "),
+            cols = wm_cols.join(", "),
+            wm = wm_w.join(", "),
+            order = order.join(", "),
+        );
         let verify_sql = format!(
             "SELECT ARRAY[{key_text}] AS k, (extract(epoch FROM {cur_tz}) * 1000000)::bigint AS ts
                     , {del} AS del
@@ -498,6 +558,7 @@ impl SlicePlan {
             range_sql,
             verify_sql,
             pending_sql: None,
+            group_sql: Some(group_sql),
             changed_sql,
             backlog_sql,
             watermark_parts: spec.key_columns.len(),
@@ -668,7 +729,7 @@ impl SourceReader {
         }
         let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
         let mut rows = query.fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
+        while let Some(r) = rows.try_next().await.map_err(|e| stale_plan(plan, e))? {
             if let Some(expected) = &plan.catalog {
                 // Checked on the first row, before anything is handed on: every row of a read
                 // carries the same value.
@@ -677,6 +738,86 @@ impl SourceReader {
                 }
             }
             out.push(f(source_row(plan, &r)?));
+        }
+        Ok(out)
+    }
+}
+
+/// One tenant's part of [`SourceReader::read_slices`].
+#[derive(Debug, Clone)]
+pub struct GroupRead<'a> {
+    pub organization_id: &'a str,
+    /// Where the tenant's slice stands; it must have a cursor (a first slice reads alone).
+    pub watermark: &'a Watermark,
+    pub horizon: DateTime<Utc>,
+    pub limit: i64,
+}
+
+impl SourceReader {
+    /// Whether [`Self::read_slices`] can read this plan's tenants together (cursor capture).
+    pub fn reads_groups(plan: &SlicePlan) -> bool {
+        plan.sql.group_sql.is_some()
+    }
+
+    /// [`Self::read_slice`] for several tenants of one table in one statement: for each
+    /// request, up to `limit` rows after its watermark and below its horizon, in keyset order.
+    /// Slices that start together read with one round trip instead of one each.
+    pub async fn read_slices(
+        &self,
+        plan: &SlicePlan,
+        reqs: &[GroupRead<'_>],
+    ) -> Result<Vec<Vec<SourceRow>>> {
+        let sql = plan.sql.group_sql.as_deref().ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "table {} ({} capture) cannot be read for several tenants at once",
+                plan.table, plan.capture
+            ))
+        })?;
+        let parts = plan.sql.watermark_parts;
+        let mut tenants = Vec::with_capacity(reqs.len());
+        let mut horizons = Vec::with_capacity(reqs.len());
+        let mut limits = Vec::with_capacity(reqs.len());
+        let mut marks: Vec<Vec<String>> = vec![Vec::with_capacity(reqs.len()); parts + 1];
+        for r in reqs {
+            let cursor = match &r.watermark.cursor {
+                Some(c) if r.watermark.key.len() == parts => c,
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "a read of several tenants of {} needs a watermark of {} part(s) for each",
+                        plan.table,
+                        parts + 1
+                    )))
+                }
+            };
+            tenants.push(r.organization_id);
+            horizons.push(r.horizon);
+            limits.push(r.limit);
+            marks[0].push(cursor.clone());
+            for (i, k) in r.watermark.key.iter().enumerate() {
+                marks[i + 1].push(k.clone());
+            }
+        }
+        let mut query = sqlx::query(sql).bind(tenants).bind(horizons).bind(limits);
+        for m in marks {
+            query = query.bind(m);
+        }
+        let position = FIXED_COLUMNS + plan.columns.len();
+        let mut out: Vec<Vec<SourceRow>> = vec![Vec::new(); reqs.len()];
+        let mut rows = query.fetch(&self.pool);
+        let mut first = true;
+        while let Some(r) = rows.try_next().await.map_err(|e| stale_plan(plan, e))? {
+            if let Some(expected) = &plan.catalog {
+                if first && r.try_get::<Option<&str>, _>(6)? != Some(expected) {
+                    return Err(StoreError::CatalogChanged(plan.table.clone()));
+                }
+            }
+            first = false;
+            let i: i64 = r.try_get(position)?;
+            let slot = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| StoreError::Invalid(format!("group read returned request {i}")))?;
+            slot.push(source_row(plan, &r)?);
         }
         Ok(out)
     }
@@ -760,10 +901,26 @@ impl SourceReader {
         }
         let mut out = Vec::new();
         let mut rows = q.fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
+        while let Some(r) = rows.try_next().await.map_err(|e| stale_plan(plan, e))? {
             out.push(source_row(plan, &r)?);
         }
         Ok(out)
+    }
+}
+
+/// A read that Postgres refused because the columns it selects changed type since the
+/// connection prepared it: the plan is stale (see [`SlicePlan::with_catalog`]).
+fn stale_plan(plan: &SlicePlan, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db)
+            if db.code().as_deref() == Some("0A000")
+                && db
+                    .message()
+                    .contains("cached plan must not change result type") =>
+        {
+            StoreError::CatalogChanged(plan.table.clone())
+        }
+        _ => e.into(),
     }
 }
 

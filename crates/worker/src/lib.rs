@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod batcher;
 mod batches;
 mod compact;
 mod error;
@@ -110,6 +111,8 @@ struct Caches {
     datasets: Mutex<HashSet<i64>>,
     /// When the last horizon query was sent, and its result.
     horizon: Mutex<Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>>,
+    /// Claim and commit statements shared by slices that start or end together.
+    statements: std::sync::OnceLock<batcher::Statements>,
 }
 
 /// A tenant's client with the nonce of the sealed key it was built from (the key's version).
@@ -150,5 +153,12 @@ impl Worker {
 
     pub fn deps(&self) -> &Deps {
         &self.deps
+    }
+
+    /// Started on first use: its tasks need the runtime the slices run on.
+    fn statements(&self) -> &batcher::Statements {
+        self.caches
+            .statements
+            .get_or_init(|| batcher::Statements::spawn(&self.deps.control, &self.deps.source))
     }
 }

@@ -16,6 +16,9 @@ pub const LEASE_EXPIRED: &str = "tenantsync_lease_expired_total";
 /// and waits are fractions of a second. `rate()` works on it as on a counter.
 pub const RATELIMIT_WAIT: &str = "tenantsync_ratelimit_wait_seconds_total";
 
+/// Tasks per claim or commit statement (see `batcher.rs`).
+pub const CONTROL_BATCH: &str = "tenantsync_control_batch_tasks";
+
 pub const DEAD_LETTERED: &str = "tenantsync_sync_dead_lettered_rows_total";
 
 pub const SLICE_OUTCOMES: [&str; 4] = ["ok", "partial", "failed", "fenced"];
@@ -50,6 +53,11 @@ pub fn describe() {
         "insertAll requests, by outcome"
     );
     describe_histogram!(INSERT_DURATION, Unit::Seconds, "insertAll request latency");
+    describe_histogram!(
+        CONTROL_BATCH,
+        Unit::Count,
+        "Slices whose claim or commit went in one control-plane statement"
+    );
     describe_counter!(LEASE_ACQUIRED, Unit::Count, "Task leases taken");
     describe_counter!(
         LEASE_LOST,
@@ -97,6 +105,10 @@ pub(crate) fn slice(outcome: &'static str) {
 pub(crate) fn insert(outcome: &'static str, seconds: f64) {
     counter!(INSERT_REQUESTS, "outcome" => outcome).increment(1);
     histogram!(INSERT_DURATION).record(seconds);
+}
+
+pub(crate) fn statement_batch(tasks: usize) {
+    histogram!(CONTROL_BATCH).record(tasks as f64);
 }
 
 pub(crate) fn ratelimit_wait(tenant: &str, wait: std::time::Duration) {

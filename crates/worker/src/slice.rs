@@ -14,8 +14,10 @@ use tenantsync_core::insert_id::insert_id;
 use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
-use tenantsync_store::control::tasks::{Claim, Commit, Progress, RunRecord, TaskId, Watermark};
-use tenantsync_store::{SlicePlan, SourceRow, StoreError};
+use tenantsync_store::control::tasks::{
+    Claim, Commit, FinishRequest, Progress, RunRecord, TaskId, Watermark,
+};
+use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -182,8 +184,7 @@ impl Worker {
             .source
             .catalog(&spec.source_schema, &spec.source_table)
             .await?;
-        let mut plan = SlicePlan::build(spec, &columns)?;
-        plan.catalog = Some(fingerprint);
+        let plan = SlicePlan::build(spec, &columns)?.with_catalog(fingerprint);
         let plan = Arc::new(plan);
         self.caches.plans.lock().await.insert(
             spec.id,
@@ -346,7 +347,7 @@ impl Worker {
     ) -> Result<SliceReport, WorkerError> {
         let started_at = Utc::now();
         let t0 = Instant::now();
-        let start = self.deps.control.start_slice(task).await?;
+        let start = self.statements().start(task).await?;
         let (tenant, spec) = (start.tenant, start.spec);
         // Not claimed: the tenant is not active or the table is disabled.
         let Some(claim) = start.claim else {
@@ -413,12 +414,11 @@ impl Worker {
         }
         .filter(|_| progress.error.is_none() && !progress.next_run_in.is_zero());
         let finish = self
-            .deps
-            .control
-            .finish_slice(
-                &claim,
-                &progress,
-                &RunRecord {
+            .statements()
+            .finish(FinishRequest {
+                claim: claim.clone(),
+                progress: progress.clone(),
+                run: RunRecord {
                     task,
                     worker: self.cfg.worker_id.clone(),
                     fencing_token: claim.fencing_token,
@@ -428,8 +428,8 @@ impl Worker {
                     outcome,
                     error: error.clone(),
                 },
-                periodic_every,
-            )
+                compact_every: periodic_every,
+            })
             .await?;
         let committed = finish.commit;
         if committed == Commit::Committed {
@@ -567,14 +567,29 @@ impl Worker {
         };
         // The next page, read while the previous one was sent, and how many rows it asked for.
         let mut prefetched: Option<(i64, ReadResult)> = None;
+        let mut first = true;
         loop {
             let (want, read) = match prefetched.take() {
                 Some(p) => p,
+                // The first rows after the claimed watermark are read together with other
+                // slices that start at the same time (one statement per table for all of
+                // them): most slices of caught-up tasks are a few rows, and their reads were
+                // the largest share of Postgres' statements. At most `SHARED_READ_ROWS` rows
+                // this way (a batch of slices holds them all at once); a slice with more reads
+                // on from there in pages of its own.
+                None if first && position.cursor.is_some() && SourceReader::reads_groups(&plan) => {
+                    let want = page_rows.min(limit - acked as i64).min(SHARED_READ_ROWS);
+                    (
+                        want,
+                        self.read_shared(&plan, &position, page_of(want)).await,
+                    )
+                }
                 None => {
                     let want = page_rows.min(limit - acked as i64);
                     (want, self.read_page(&plan, &position, page_of(want)).await)
                 }
             };
+            first = false;
             let read: Vec<(SourceRow, String)> = match read {
                 Ok(read) => read,
                 // The table's columns changed since the plan was built: build it again from
@@ -737,6 +752,34 @@ impl Worker {
                 },
             )
             .await
+    }
+
+    /// [`Self::read_page`] through the worker's read batcher.
+    async fn read_shared(
+        &self,
+        plan: &Arc<SlicePlan>,
+        position: &Watermark,
+        p: PageRead<'_>,
+    ) -> ReadResult {
+        let rows = self
+            .statements()
+            .read(crate::batcher::ReadRequest {
+                plan: plan.clone(),
+                organization_id: p.tenant.organization_id.clone(),
+                watermark: position.clone(),
+                horizon: p.horizon,
+                limit: p.want,
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                let json = std::mem::take(&mut r.json);
+                let body =
+                    payload_from(p.tenant.id, &plan.table, &r, json, p.batch_id, p.synced_at);
+                (r, body)
+            })
+            .collect())
     }
 
     /// Send one page of a slice in chunks: oversized rows go to the dead-letter table, the rest
@@ -1050,6 +1093,9 @@ enum SliceRun {
     Done(Progress),
     Crashed,
 }
+
+/// Most rows a slice's first read takes through the read batcher (see `run_slice`).
+const SHARED_READ_ROWS: i64 = 200;
 
 /// A page read: each row with its insertAll payload.
 type ReadResult = Result<Vec<(SourceRow, String)>, StoreError>;

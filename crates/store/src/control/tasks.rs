@@ -92,6 +92,16 @@ pub struct Finish {
     pub compact: bool,
 }
 
+/// One task's end of slice, for [`ControlPlane::finish_slices`].
+#[derive(Debug, Clone)]
+pub struct FinishRequest {
+    pub claim: Claim,
+    pub progress: Progress,
+    pub run: RunRecord,
+    /// Ask for the compaction turn (see [`ControlPlane::finish_slice`]).
+    pub compact_every: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunRecord {
     pub task: TaskId,
@@ -186,14 +196,22 @@ impl ControlPlane {
             return Ok(0);
         }
         let done = sqlx::query(
-            "UPDATE sync_state s
+            // Rows are locked in key order, like the workers' batched statements do.
+            "WITH locked AS (
+                 SELECT s.tenant_id, s.table_id
+                 FROM sync_state s JOIN tenants tn ON tn.id = s.tenant_id
+                 WHERE s.table_id = $1 AND tn.organization_id = ANY($2)
+                 ORDER BY s.tenant_id, s.table_id
+                 FOR UPDATE OF s
+             )
+             UPDATE sync_state s
              SET next_run_at = LEAST(s.next_run_at,
                                      GREATEST(now(), coalesce(s.last_success_at, now())
                                               + make_interval(secs => ts.sync_interval_ms / 1000.0))),
                  changed_until = GREATEST(s.changed_until, $3)
-             FROM tenants tn, table_specs ts
-             WHERE s.table_id = $1 AND ts.id = s.table_id AND tn.id = s.tenant_id
-               AND tn.organization_id = ANY($2)",
+             FROM locked, table_specs ts
+             WHERE s.tenant_id = locked.tenant_id AND s.table_id = locked.table_id
+               AND ts.id = s.table_id",
         )
         .bind(table_id)
         .bind(organization_ids)
@@ -256,34 +274,40 @@ impl ControlPlane {
     /// claim (see [`Self::claim`]), taken only when the tenant is active and the table enabled.
     /// Call only while holding the task's Redis lease.
     pub async fn start_slice(&self, task: TaskId) -> Result<SliceStart> {
-        let row = sqlx::query(include_str!("../queries/start_slice.sql"))
-            .bind(task.tenant_id)
-            .bind(task.table_id)
-            .fetch_optional(self.pool())
+        self.start_slices(&[task])
             .await?
-            .ok_or_else(|| {
-                StoreError::NotFound(format!(
+            .pop()
+            .expect("one result per task")
+    }
+
+    /// [`Self::start_slice`] for several tasks in one statement and transaction: one result per
+    /// task, in order. A worker's slices that start together share it (one statement and one
+    /// commit instead of one each).
+    pub async fn start_slices(&self, tasks: &[TaskId]) -> Result<Vec<Result<SliceStart>>> {
+        let (tenants, tables): (Vec<i64>, Vec<i64>) =
+            tasks.iter().map(|t| (t.tenant_id, t.table_id)).unzip();
+        let rows = sqlx::query(include_str!("../queries/start_slice.sql"))
+            .bind(tenants)
+            .bind(tables)
+            .fetch_all(self.pool())
+            .await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let task = TaskId {
+                tenant_id: row.try_get("task_tenant_id")?,
+                table_id: row.try_get("task_table_id")?,
+            };
+            found.insert(task, row);
+        }
+        Ok(tasks
+            .iter()
+            .map(|task| match found.get(task) {
+                Some(row) => slice_start_from_row(*task, row),
+                None => Err(StoreError::NotFound(format!(
                     "tenant or table spec of task {task} does not exist"
-                ))
-            })?;
-        let tenant = tenant_from_row(&row)?;
-        let spec = spec_from_row_with_id(&row, "table_spec_id")?;
-        let token: Option<i64> = row.try_get("fencing_token")?;
-        let claim = match token {
-            Some(_) => Some(claim_from_row(task, &row)?),
-            None if tenant.status == tenantsync_core::TenantStatus::Active && spec.enabled => {
-                return Err(StoreError::NotFound(format!(
-                    "task {task} is disabled for its tenant or has no sync state"
-                )))
-            }
-            None => None,
-        };
-        Ok(SliceStart {
-            credentials_nonce: row.try_get("credentials_nonce")?,
-            tenant,
-            spec,
-            claim,
-        })
+                ))),
+            })
+            .collect())
     }
 
     /// Remember that the task's BigQuery table and views match `schema_hash`.
@@ -311,39 +335,103 @@ impl ControlPlane {
         run: &RunRecord,
         compact_every: Option<Duration>,
     ) -> Result<Finish> {
-        let (cursor, key) = match &p.watermark {
-            Some(w) => (w.cursor.clone(), Some(w.key.clone())),
-            None => (None, None),
+        let req = FinishRequest {
+            claim: claim.clone(),
+            progress: p.clone(),
+            run: run.clone(),
+            compact_every,
         };
-        let row = sqlx::query(include_str!("../queries/finish_slice.sql"))
-            .bind(claim.task.tenant_id)
-            .bind(claim.task.table_id)
-            .bind(claim.fencing_token)
+        Ok(self.finish_slices(std::slice::from_ref(&req)).await?[0])
+    }
+
+    /// [`Self::finish_slice`] for several tasks (each at most once) in one statement and
+    /// transaction: one result per request, in order.
+    pub async fn finish_slices(&self, reqs: &[FinishRequest]) -> Result<Vec<Finish>> {
+        let n = reqs.len();
+        let mut tenant = Vec::with_capacity(n);
+        let mut table = Vec::with_capacity(n);
+        let mut token = Vec::with_capacity(n);
+        let mut cursor = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut synced = Vec::with_capacity(n);
+        let mut rows = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        let mut error = Vec::with_capacity(n);
+        let mut rerun = Vec::with_capacity(n);
+        let mut batches = Vec::with_capacity(n);
+        let mut compact = Vec::with_capacity(n);
+        let mut worker = Vec::with_capacity(n);
+        let mut started = Vec::with_capacity(n);
+        let mut duration = Vec::with_capacity(n);
+        let mut run_rows = Vec::with_capacity(n);
+        let mut outcome = Vec::with_capacity(n);
+        for r in reqs {
+            let (c, p, run) = (&r.claim, &r.progress, &r.run);
+            tenant.push(c.task.tenant_id);
+            table.push(c.task.table_id);
+            token.push(c.fencing_token);
+            cursor.push(p.watermark.as_ref().and_then(|w| w.cursor.clone()));
+            key.push(p.watermark.as_ref().map(|w| serde_json::json!(w.key)));
+            synced.push(p.synced_through);
+            rows.push(p.rows);
+            next.push(interval_ms(p.next_run_in));
+            error.push(p.error.clone());
+            rerun.push(p.rerun_if_changed_in.map(interval_ms));
+            batches.push(p.batches_visible_through);
+            compact.push(r.compact_every.map(|d| d.as_secs_f64()));
+            worker.push(run.worker.clone());
+            started.push(run.started_at);
+            duration.push(i32::try_from(run.duration.as_millis()).unwrap_or(i32::MAX));
+            run_rows.push(i32::try_from(run.rows).unwrap_or(i32::MAX));
+            outcome.push(run.outcome);
+        }
+        let out = sqlx::query(include_str!("../queries/finish_slice.sql"))
+            .bind(tenant)
+            .bind(table)
+            .bind(token)
             .bind(cursor)
             .bind(key)
-            .bind(p.synced_through)
-            .bind(p.rows)
-            .bind(interval_ms(p.next_run_in))
-            .bind(p.error.as_deref())
-            .bind(p.rerun_if_changed_in.map(interval_ms))
-            .bind(p.batches_visible_through)
-            .bind(compact_every.map(|d| d.as_secs_f64()))
-            .bind(&run.worker)
-            .bind(run.started_at)
-            .bind(i32::try_from(run.duration.as_millis()).unwrap_or(i32::MAX))
-            .bind(i32::try_from(run.rows).unwrap_or(i32::MAX))
-            .bind(run.outcome)
-            .fetch_one(self.pool())
+            .bind(synced)
+            .bind(rows)
+            .bind(next)
+            .bind(error)
+            .bind(rerun)
+            .bind(batches)
+            .bind(compact)
+            .bind(worker)
+            .bind(started)
+            .bind(duration)
+            .bind(run_rows)
+            .bind(outcome)
+            .fetch_all(self.pool())
             .await?;
-        let committed: bool = row.try_get("committed")?;
-        Ok(Finish {
-            commit: if committed {
-                Commit::Committed
-            } else {
-                Commit::Fenced
-            },
-            compact: row.try_get("compact")?,
-        })
+        let mut found = std::collections::HashMap::with_capacity(out.len());
+        for row in &out {
+            let task = TaskId {
+                tenant_id: row.try_get("tenant_id")?,
+                table_id: row.try_get("table_id")?,
+            };
+            let committed: bool = row.try_get("committed")?;
+            let finish = Finish {
+                commit: if committed {
+                    Commit::Committed
+                } else {
+                    Commit::Fenced
+                },
+                compact: row.try_get("compact")?,
+            };
+            found.insert(task, finish);
+        }
+        reqs.iter()
+            .map(|r| {
+                found.get(&r.claim.task).copied().ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "task {} finished twice in one batch",
+                        r.claim.task
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Consecutive failures of a task so far (for backoff).
@@ -385,6 +473,27 @@ impl ControlPlane {
         }
         Ok(row.try_get("oldest")?)
     }
+}
+
+fn slice_start_from_row(task: TaskId, row: &sqlx::postgres::PgRow) -> Result<SliceStart> {
+    let tenant = tenant_from_row(row)?;
+    let spec = spec_from_row_with_id(row, "table_spec_id")?;
+    let token: Option<i64> = row.try_get("fencing_token")?;
+    let claim = match token {
+        Some(_) => Some(claim_from_row(task, row)?),
+        None if tenant.status == tenantsync_core::TenantStatus::Active && spec.enabled => {
+            return Err(StoreError::NotFound(format!(
+                "task {task} is disabled for its tenant or has no sync state"
+            )))
+        }
+        None => None,
+    };
+    Ok(SliceStart {
+        credentials_nonce: row.try_get("credentials_nonce")?,
+        tenant,
+        spec,
+        claim,
+    })
 }
 
 fn claim_from_row(task: TaskId, row: &sqlx::postgres::PgRow) -> Result<Claim> {
