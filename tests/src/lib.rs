@@ -518,7 +518,11 @@ impl TestEnv {
             )
             .env("TENANTSYNC_LOG_FORMAT", "json")
             .env("TENANTSYNC_CONTROL_POOL", "3")
-            .env("TENANTSYNC_SOURCE_POOL", "3");
+            .env("TENANTSYNC_SOURCE_POOL", "3")
+            // The local BigQuery commits one write per dataset at a time and refuses the
+            // others ("Failed to commit DuckLake transaction", retried as transient): the
+            // default 32 slices per process would only add refusals and retry waits here.
+            .env("TENANTSYNC_CONCURRENCY", "8");
         cmd
     }
 

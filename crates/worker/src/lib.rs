@@ -39,7 +39,9 @@ pub struct WorkerConfig {
     pub request_timeout: Duration,
     /// Attempts per insertAll chunk before the slice stops at the last acknowledged row.
     pub max_attempts: u32,
-    /// Tasks run at once by this process.
+    /// Tasks run at once by this process. Slices of caught-up tasks are mostly waiting (on
+    /// Postgres, BigQuery, Redis); more of them at once also share more statements (see
+    /// `batcher.rs`): 32 instead of 8 took the freshness benchmark from 357 to 607 slices/s.
     pub concurrency: usize,
     /// Upper bound on one slice's wall time, so a big tenant yields to others.
     pub slice_max_duration: Duration,
@@ -62,7 +64,9 @@ pub struct WorkerConfig {
     /// Merge mode: `<table>_final` is rebuilt at most this often per task, after a caught-up
     /// slice (the MERGE reads every version of the table, so not after every slice).
     pub merge_every: Duration,
-    /// A slice is read and sent this many rows at a time: bounds memory per running slice.
+    /// A slice is read and sent this many rows at a time (and the next page read meanwhile):
+    /// memory is about concurrency × 2 pages × row size (32 tenants backfilling at once at the
+    /// defaults: 85 MB peak RSS in the throughput benchmark).
     pub page_rows: i32,
 }
 
@@ -76,7 +80,7 @@ impl WorkerConfig {
             lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_attempts: 6,
-            concurrency: 8,
+            concurrency: 32,
             slice_max_duration: Duration::from_secs(20),
             chunk_limits: Limits::default(),
             max_backoff: Duration::from_secs(30),
@@ -87,7 +91,7 @@ impl WorkerConfig {
             compact_window: Duration::from_secs(3 * 3600),
             compact_every: Duration::from_secs(3600),
             merge_every: Duration::from_secs(300),
-            page_rows: 2000,
+            page_rows: 1000,
         }
     }
 }

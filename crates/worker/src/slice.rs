@@ -203,11 +203,18 @@ impl Worker {
     /// The read horizon, shared by the slices that start within `horizon_reuse` of one
     /// another. Reusing an older horizon is safe: every row below it was committed when it
     /// was computed, so a later read finds them all; rows past it wait for a later slice.
-    pub(crate) async fn horizon(&self) -> Result<DateTime<Utc>, WorkerError> {
+    /// A cached horizon earlier than `at_least` (the coordinator's detection of the task's
+    /// changes) is not reused: the slice would stop short of the rows it was queued for and
+    /// leave them for its next turn, a sync interval later (about 1 s of lag for a share of
+    /// the rows in the freshness benchmark).
+    pub(crate) async fn horizon(
+        &self,
+        at_least: Option<DateTime<Utc>>,
+    ) -> Result<DateTime<Utc>, WorkerError> {
         // Held across the query, so slices that start together send one query, not one each.
         let mut cached = self.caches.horizon.lock().await;
         if let Some((at, h)) = *cached {
-            if at.elapsed() < self.cfg.horizon_reuse {
+            if at.elapsed() < self.cfg.horizon_reuse && at_least.is_none_or(|t| h >= t) {
                 return Ok(h);
             }
         }
@@ -541,7 +548,7 @@ impl Worker {
     ) -> Result<SliceRun, WorkerError> {
         let t0 = Instant::now();
         let client = self.client_for(tenant, credentials_nonce).await?;
-        let horizon = self.horizon().await?;
+        let horizon = self.horizon(claim.changed_until).await?;
         let limit = i64::from(spec.slice_rows);
         let batch_id = format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token);
         let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);

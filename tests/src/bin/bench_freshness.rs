@@ -19,7 +19,7 @@
 //! `BENCH_WRITERS` (8) connections, each inserting one row per transaction into a random
 //! (tenant, table) on a fixed schedule (a late writer catches up at once, so the rate holds).
 //!
-//! Other settings: `BENCH_CONCURRENCY` (worker `TENANTSYNC_CONCURRENCY`; default 8),
+//! Other settings: `BENCH_CONCURRENCY` (worker `TENANTSYNC_CONCURRENCY`; default 32, the worker's),
 //! `BENCH_INTERVAL_MS` (each table's `--interval-ms`, 1000 like `tables add`),
 //! `BENCH_VACUUM_SECS` (30: `VACUUM ANALYZE` of the control plane's busy tables this often
 //! during the writes, standing in for autovacuum, which is off on the development server; 0 =
@@ -67,7 +67,7 @@ impl Params {
             warmup: env_num("BENCH_WARMUP_SECS", 10.0)?,
             drain: env_num("BENCH_DRAIN_SECS", 60.0)?,
             workers: env_num("BENCH_WORKERS", 1)?,
-            concurrency: env_num("BENCH_CONCURRENCY", 8)?,
+            concurrency: env_num("BENCH_CONCURRENCY", 32)?,
             writers: env_num("BENCH_WRITERS", 8)?,
             seed_rows: env_num("BENCH_SEED_ROWS", 2)?,
             interval_ms: env_num("BENCH_INTERVAL_MS", 1000)?,
@@ -289,7 +289,7 @@ async fn run(
         spawn(&format!("worker-{i}"), &["worker"])?;
     }
     for pid in bench::pids_named("redis-server") {
-        meter.watch("redis-server", pid);
+        meter.watch_running("redis-server", pid);
     }
     env.wait_synced_through(started, Duration::from_secs(600))
         .await
@@ -311,7 +311,7 @@ async fn run(
         meter.watch(name, c.id());
     }
     for pid in bench::pids_named("redis-server") {
-        meter.watch("redis-server", pid);
+        meter.watch_running("redis-server", pid);
     }
     sink.reset();
     sink.record_lag(true);

@@ -20,7 +20,7 @@
 //! assert nothing.
 //!
 //! Settings (environment): `BENCH_TENANTS` (8), `BENCH_ROWS` (1000000 in total),
-//! `BENCH_SLICE_ROWS` (20000, the `tables add` default), `BENCH_CONCURRENCY` (8, the worker
+//! `BENCH_SLICE_ROWS` (20000, the `tables add` default), `BENCH_CONCURRENCY` (32, the worker
 //! default), `BENCH_SOURCE_POOL` (8), `BENCH_CONTROL_POOL` (4), `BENCH_CHUNK_ROWS` (500),
 //! `BENCH_REFERENCE=0` (skip the reference), `BENCH_PYTHON` (the reference's interpreter;
 //! default `.dev/bench-venv/bin/python`, set up by `scripts/bench-env`), `BENCH_KEEP=1` (keep the
@@ -59,7 +59,7 @@ impl Params {
             tenants: env_num("BENCH_TENANTS", 8)?,
             rows: env_num("BENCH_ROWS", 1_000_000)?,
             slice_rows: env_num("BENCH_SLICE_ROWS", 20_000)?,
-            concurrency: env_num("BENCH_CONCURRENCY", 8)?,
+            concurrency: env_num("BENCH_CONCURRENCY", 32)?,
             source_pool: env_num("BENCH_SOURCE_POOL", 8)?,
             control_pool: env_num("BENCH_CONTROL_POOL", 4)?,
             chunk_rows: env_num("BENCH_CHUNK_ROWS", 500)?,

@@ -44,6 +44,10 @@ pub struct Claim {
     pub schema_hash: Option<String>,
     /// Batches (fencing tokens) of this task up to here are listed in `_sync_batches`.
     pub batches_visible_through: i64,
+    /// Up to where the coordinator's change detection has seen changes of the task: the slice
+    /// reads below a horizon at least this late when it can, or it would leave them for the
+    /// next slice.
+    pub changed_until: Option<DateTime<Utc>>,
 }
 
 /// Progress to record after a slice.
@@ -256,7 +260,7 @@ impl ControlPlane {
             "UPDATE sync_state SET fencing_token = fencing_token + 1
              WHERE tenant_id = $1 AND table_id = $2 AND enabled
              RETURNING fencing_token, watermark_cursor, watermark_key, synced_through, schema_hash,
-                       batches_visible_through",
+                       batches_visible_through, changed_until",
         )
         .bind(task.tenant_id)
         .bind(task.table_id)
@@ -508,5 +512,6 @@ fn claim_from_row(task: TaskId, row: &sqlx::postgres::PgRow) -> Result<Claim> {
         synced_through: row.try_get("synced_through")?,
         schema_hash: row.try_get("schema_hash")?,
         batches_visible_through: row.try_get("batches_visible_through")?,
+        changed_until: row.try_get("changed_until")?,
     })
 }

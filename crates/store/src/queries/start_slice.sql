@@ -30,7 +30,7 @@ WITH req AS (
     FROM locked
     WHERE s.tenant_id = locked.tenant_id AND s.table_id = locked.table_id
     RETURNING s.tenant_id, s.table_id, s.fencing_token, s.watermark_cursor, s.watermark_key,
-              s.synced_through, s.schema_hash, s.batches_visible_through
+              s.synced_through, s.schema_hash, s.batches_visible_through, s.changed_until
 )
 SELECT req.tenant_id AS task_tenant_id, req.table_id AS task_table_id,
        tn.id, tn.slug, tn.organization_id, tn.bq_project, tn.bq_dataset, tn.status,
@@ -40,7 +40,8 @@ SELECT req.tenant_id AS task_tenant_id, req.table_id AS task_table_id,
        ts.cursor_column, ts.tenant_column, ts.mode, ts.enabled, ts.sync_interval_ms,
        ts.slice_rows, ts.soft_delete_column, ts.capture,
        claimed.fencing_token, claimed.watermark_cursor, claimed.watermark_key,
-       claimed.synced_through, claimed.schema_hash, claimed.batches_visible_through
+       claimed.synced_through, claimed.schema_hash, claimed.batches_visible_through,
+       claimed.changed_until
 FROM req
 JOIN tn ON tn.id = req.tenant_id
 JOIN ts ON ts.id = req.table_id
