@@ -529,3 +529,55 @@ async fn claims_and_commits_of_several_tasks_in_one_statement_keep_each_task_apa
     );
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leading_coordinator_prunes_the_run_log_past_its_retention() {
+    // One run-log row per slice adds up to millions a day: the leader deletes the rows of
+    // slices that started longer ago than TENANTSYNC_RUN_LOG_KEEP_S and keeps the rest.
+    let env = TestEnv::new().await.unwrap();
+    tenantsync_demo::seed(env.source_pool(), &[1], 1)
+        .await
+        .unwrap();
+    let tables = env.add_demo_tables().await.unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    sqlx::query(
+        "INSERT INTO sync_runs (tenant_id, table_id, worker, fencing_token, started_at,
+                                duration_ms, rows, outcome)
+         SELECT $1, $2, 'test', g, now() - make_interval(hours => CASE WHEN g <= 25 THEN 3 ELSE 0 END),
+                1, 1, 'ok'
+         FROM generate_series(1, 40) g ORDER BY g",
+    )
+    .bind(t.id)
+    .bind(tables[0].id)
+    .execute(env.control.pool())
+    .await
+    .unwrap();
+    let _coordinator = env.spawn(
+        "coordinator",
+        &["coordinator"],
+        &[("TENANTSYNC_RUN_LOG_KEEP_S", "3600")],
+    );
+    let count = |sql: &'static str| {
+        let pool = env.control.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let t0 = std::time::Instant::now();
+    while count("SELECT count(*) FROM sync_runs WHERE worker = 'test'").await > 15 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "old run-log rows were not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        count("SELECT count(*) FROM sync_runs WHERE worker = 'test' AND started_at > now() - interval '1 hour'").await,
+        15,
+        "the rows inside the retention stay"
+    );
+    env.cleanup().await.unwrap();
+}

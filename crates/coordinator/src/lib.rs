@@ -19,6 +19,10 @@ pub struct CoordinatorConfig {
     /// Most tasks queued per tick.
     pub max_enqueue: i64,
     pub cursor_skew: Duration,
+    /// Run-log entries (`sync_runs`, one per slice) older than this are deleted by the leader;
+    /// None keeps them all. At hundreds of slices a second the log grows by millions of rows
+    /// an hour.
+    pub run_log_keep: Option<Duration>,
 }
 
 impl CoordinatorConfig {
@@ -30,6 +34,7 @@ impl CoordinatorConfig {
             shards: 8,
             max_enqueue: 2000,
             cursor_skew: Duration::from_millis(1000),
+            run_log_keep: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -200,6 +205,11 @@ pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken
             }
         })
     };
+    let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let janitor = cfg.run_log_keep.map(|keep| {
+        let (deps, stop, leading) = (deps.clone(), shutdown.clone(), leading.clone());
+        tokio::spawn(prune_run_log(deps, keep, leading, stop))
+    });
     while !shutdown.is_cancelled() {
         let step = async {
             match &lease {
@@ -218,6 +228,7 @@ pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken
                 }
             }
             metrics::leader(lease.is_some());
+            leading.store(lease.is_some(), std::sync::atomic::Ordering::Relaxed);
             if lease.is_some() {
                 let r = sched.tick(&cfg, &deps).await?;
                 if r.queued > 0 || r.changed_tasks > 0 {
@@ -256,10 +267,54 @@ pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken
         }
     }
     refresher.abort();
+    if let Some(j) = janitor {
+        j.abort();
+    }
     metrics::leader(false);
     if let Some(l) = lease {
         // Hand over at once instead of making the standby wait for the TTL.
         let _ = deps.leases.release(&l).await;
         info!(coordinator = %cfg.id, "released leadership");
+    }
+}
+
+/// While this coordinator leads: delete run-log entries older than `keep`, once a minute, in
+/// batches of 10,000 (at most 100,000 a round, so a long backlog is worked off over a few
+/// rounds instead of in one long statement).
+async fn prune_run_log(
+    deps: Deps,
+    keep: Duration,
+    leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+) {
+    const BATCH: i64 = 10_000;
+    let mut last: Option<Instant> = None;
+    while !stop.is_cancelled() {
+        let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due && leading.load(std::sync::atomic::Ordering::Relaxed) {
+            last = Some(Instant::now());
+            let mut removed = 0u64;
+            for _ in 0..10 {
+                match deps.control.prune_runs(keep, BATCH).await {
+                    Ok(n) => {
+                        removed += n;
+                        if n < BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "run log pruning failed");
+                        break;
+                    }
+                }
+            }
+            if removed > 0 {
+                debug!(removed, "run log pruned");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => {}
+        }
     }
 }

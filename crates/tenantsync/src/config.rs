@@ -178,6 +178,12 @@ pub fn coordinator() -> Result<tenantsync_coordinator::CoordinatorConfig> {
         "TENANTSYNC_CURSOR_SKEW_MS",
         c.cursor_skew.as_millis() as u64,
     )?;
+    let keep = parsed(
+        "TENANTSYNC_RUN_LOG_KEEP_S",
+        c.run_log_keep.map_or(0, |d| d.as_secs()),
+    )?;
+    // 0 keeps the whole run log.
+    c.run_log_keep = (keep > 0).then(|| Duration::from_secs(keep));
     Ok(c)
 }
 

@@ -438,6 +438,23 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Delete run-log entries of slices that started more than `keep` ago, looking at the
+    /// `batch` oldest entries only (a range of the primary key: cheap however long the log
+    /// is). Returns how many went; a full `batch` means there may be more. Entries are
+    /// written when a slice ends, so ids follow start times to within a slice's length.
+    pub async fn prune_runs(&self, keep: Duration, batch: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sync_runs
+             WHERE id < (SELECT min(id) FROM sync_runs) + $2
+               AND started_at < now() - make_interval(secs => $1)",
+        )
+        .bind(keep.as_secs_f64())
+        .bind(batch)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Consecutive failures of a task so far (for backoff).
     pub async fn consecutive_failures(&self, task: TaskId) -> Result<i32> {
         Ok(sqlx::query_scalar(
