@@ -67,6 +67,12 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
         text.contains("tenantsync_bigquery_insert_duration_seconds_bucket{le=\"0.1\"}"),
         "histogram missing"
     );
+    // Batch sizes are bucketed (not the exporter's default summary) so the dashboard can
+    // sum them across workers; every slice's claim and commit counted at least once.
+    assert!(
+        sample(&text, "tenantsync_control_batch_tasks_bucket{le=\"+Inf\"}").unwrap_or(0.0) >= 2.0,
+        "control batch histogram:\n{text}"
+    );
     assert!(
         !text.contains("tenantsync_bigquery_insert_duration_seconds_bucket{tenant"),
         "no tenant label on histograms"

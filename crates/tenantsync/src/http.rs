@@ -22,6 +22,13 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
             &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
         )
         .context("histogram buckets")?
+        // Buckets rather than the exporter's default summary, so batch sizes from many
+        // workers can be summed on the dashboard (summaries' quantiles do not aggregate).
+        .set_buckets_for_metric(
+            Matcher::Full(tenantsync_worker::metrics::CONTROL_BATCH.to_string()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+        )
+        .context("histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     tenantsync_worker::metrics::describe();
