@@ -165,7 +165,11 @@ impl TestEnv {
     /// Worker settings for tests: short skew and lease so tests do not wait long.
     pub fn worker_config(&self) -> WorkerConfig {
         let mut c = WorkerConfig::new(format!("test-{}", self.id), self.endpoint.clone());
-        c.cursor_skew = Duration::from_millis(50);
+        c.cursor_skew = TEST_CURSOR_SKEW;
+        // Tests write and then sync at once, with no coordinator to say what changed: a
+        // horizon kept from the previous run (200 ms by default) would hide those writes
+        // until the next run, and the test would see a slice with nothing in it.
+        c.horizon_reuse = Duration::ZERO;
         c.lease_ttl = Duration::from_secs(5);
         c.request_timeout = Duration::from_secs(20);
         c.concurrency = 4;
@@ -250,7 +254,15 @@ impl TestEnv {
     /// Sync until everything committed so far is in BigQuery; fails if any task failed.
     /// `run --once` in this process. Bounded by [`SYNC_ONCE_LIMIT`]: a run that does not finish
     /// fails the test with each task's state and last error, instead of hanging the suite.
+    /// Wait until rows written just now are below the read horizon (now − the cursor skew
+    /// of `worker_config`). A slice started sooner rightly leaves them for the next run, and
+    /// a test expecting them would fail whenever its set-up ran fast.
+    pub async fn past_skew(&self) {
+        tokio::time::sleep(TEST_CURSOR_SKEW * 2).await;
+    }
+
     pub async fn sync_once(&self, worker: &Arc<Worker>) -> Result<tenantsync_worker::RunSummary> {
+        self.past_skew().await;
         let shutdown = CancellationToken::new();
         let run = tenantsync_worker::run(worker.clone(), RunMode::Once, shutdown.clone());
         let s = match tokio::time::timeout(SYNC_ONCE_LIMIT, run).await {
@@ -491,6 +503,9 @@ impl TestEnv {
 
 /// The longest a test lets `run --once` take. The slowest test needs about 30 s; the margin
 /// covers a loaded machine.
+/// The cursor skew allowance of test workers (`TestEnv::worker_config`).
+pub const TEST_CURSOR_SKEW: Duration = Duration::from_millis(50);
+
 pub const SYNC_ONCE_LIMIT: Duration = Duration::from_secs(240);
 
 impl TestEnv {

@@ -550,6 +550,7 @@ async fn status_shows_backfill_progress_and_eta_while_a_backfill_is_under_way() 
     let messages = env.add_table("messages", "organization_id").await.unwrap();
     let a = env.add_tenant("ngo-a", 1).await.unwrap();
     let task = env.task(&a, &messages).await;
+    env.past_skew().await;
     // One slice (5,000 rows) of the backfill.
     env.worker()
         .try_execute_task(task, &tokio_util::sync::CancellationToken::new())

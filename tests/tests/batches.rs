@@ -25,6 +25,7 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
     cfg.lease_ttl = Duration::from_secs(2);
     // Dies once, right after the first chunk of a slice was acknowledged.
     let dying = env.worker_with(cfg.clone(), CrashOnceAt::new(CrashPoint::AfterFirstChunk));
+    env.past_skew().await;
     let r = dying
         .try_execute_task(task, &CancellationToken::new())
         .await

@@ -341,6 +341,7 @@ async fn a_revoked_key_pauses_only_its_tenant_until_a_working_key_is_rotated_in(
         .execute(env.source_pool())
         .await
         .unwrap();
+    env.past_skew().await;
     let _ = tenantsync_worker::run(
         worker.clone(),
         tenantsync_worker::RunMode::Once,

@@ -72,6 +72,7 @@ async fn an_added_column_flows_through_and_an_incompatible_change_stops_only_its
     .execute(env.source_pool())
     .await
     .unwrap();
+    env.past_skew().await;
     let summary = tenantsync_worker::run(worker.clone(), RunMode::Once, CancellationToken::new())
         .await
         .unwrap();

@@ -224,6 +224,7 @@ async fn a_crash_between_insert_all_and_commit_loses_nothing_and_duplicates_stay
     cfg.lease_ttl = std::time::Duration::from_secs(4);
     let crashing = env.worker_with(cfg.clone(), CrashOnceAt::new(CrashPoint::BeforeCommit));
     let never = CancellationToken::new();
+    env.past_skew().await;
     let r = crashing.try_execute_task(task, &never).await.unwrap();
     assert_eq!(r.outcome, SliceOutcome::Crashed);
     // The crashed worker still "holds" its lease until the TTL runs out: nobody else may run.
