@@ -157,6 +157,36 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // A tenant removed while it lags: its series read 0 from the next refresh, so its last
+    // lag does not hold `TenantLagHigh` firing for ever. The other tenant's stay.
+    let (ok, out) = env.cli(&["tenant", "remove", "org-2", "--keep-data"]);
+    assert!(ok, "{out}");
+    let t0 = Instant::now();
+    loop {
+        let text = get(&addr, "/metrics").await.1;
+        let lag = sample(&text, series);
+        let backlog = sample(
+            &text,
+            "tenantsync_sync_backlog_rows{tenant=\"org-2\",table=\"contacts\"}",
+        );
+        if lag == Some(0.0) && backlog == Some(0.0) {
+            assert!(
+                sample(
+                    &text,
+                    "tenantsync_sync_lag_seconds{tenant=\"org-1\",table=\"contacts\"}"
+                )
+                .is_some_and(|l| l > 0.0),
+                "the remaining tenant's lag:\n{text}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "removed tenant still reported: lag {lag:?}, backlog {backlog:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(coord);
     env.cleanup().await.unwrap();
 }

@@ -3,7 +3,7 @@
 
 use crate::Deps;
 use metrics::{describe_gauge, gauge, Unit};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tenantsync_core::TenantStatus;
 use tenantsync_store::source::SlicePlan;
@@ -61,11 +61,14 @@ pub(crate) fn leader(is: bool) {
 const BACKLOG_CAP: i64 = 10_000_000;
 
 /// State the gauge refresher keeps between refreshes: the read plans of the tables, rebuilt
-/// every minute (a column added in Postgres changes them).
+/// every minute (a column added in Postgres changes them), and the tenants and tables it
+/// reported last time.
 #[derive(Default)]
 pub(crate) struct Refresher {
     plans: HashMap<i64, SlicePlan>,
     plans_at: Option<Instant>,
+    shown: HashSet<(String, String)>,
+    shown_tenants: HashSet<String>,
 }
 
 impl Refresher {
@@ -105,7 +108,30 @@ impl Refresher {
     ) -> Result<(), crate::TickError> {
         let rows = deps.control.status().await?;
         self.backlog(deps, &rows).await?;
+        self.zero_removed(&rows);
         refresh_rest(deps, shards, &rows).await
+    }
+
+    /// A removed tenant (or a table taken off the sync) is no longer in the status rows, but
+    /// its series would keep their last values in this process: a tenant removed while it
+    /// lagged would hold `TenantLagHigh` firing for ever. The exporter cannot delete a series,
+    /// so they read 0 from the next refresh on (and are gone at the next restart).
+    fn zero_removed(&mut self, rows: &[tenantsync_store::control::StatusRow]) {
+        let shown: HashSet<(String, String)> = rows
+            .iter()
+            .map(|r| (r.tenant.clone(), r.table.clone()))
+            .collect();
+        let tenants: HashSet<String> = rows.iter().map(|r| r.tenant.clone()).collect();
+        for (tenant, table) in self.shown.difference(&shown) {
+            for name in [LAG, BACKLOG, DLQ_ROWS] {
+                gauge!(name, "tenant" => tenant.clone(), "table" => table.clone()).set(0.0);
+            }
+        }
+        for tenant in self.shown_tenants.difference(&tenants) {
+            gauge!(CREDENTIALS_INVALID, "tenant" => tenant.clone()).set(0.0);
+        }
+        self.shown = shown;
+        self.shown_tenants = tenants;
     }
 
     /// `tenantsync_sync_backlog_rows`: one count query per table with lagging tenants.
