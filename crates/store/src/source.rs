@@ -730,12 +730,8 @@ impl SourceReader {
         let mut out = Vec::with_capacity(limit.clamp(0, 1024) as usize);
         let mut rows = query.fetch(&self.pool);
         while let Some(r) = rows.try_next().await.map_err(|e| stale_plan(plan, e))? {
-            if let Some(expected) = &plan.catalog {
-                // Checked on the first row, before anything is handed on: every row of a read
-                // carries the same value.
-                if out.is_empty() && r.try_get::<Option<&str>, _>(6)? != Some(expected) {
-                    return Err(StoreError::CatalogChanged(plan.table.clone()));
-                }
+            if out.is_empty() {
+                check_catalog(plan, &r)?;
             }
             out.push(f(source_row(plan, &r)?));
         }
@@ -806,10 +802,8 @@ impl SourceReader {
         let mut rows = query.fetch(&self.pool);
         let mut first = true;
         while let Some(r) = rows.try_next().await.map_err(|e| stale_plan(plan, e))? {
-            if let Some(expected) = &plan.catalog {
-                if first && r.try_get::<Option<&str>, _>(6)? != Some(expected) {
-                    return Err(StoreError::CatalogChanged(plan.table.clone()));
-                }
+            if first {
+                check_catalog(plan, &r)?;
             }
             first = false;
             let i: i64 = r.try_get(position)?;
@@ -906,6 +900,18 @@ impl SourceReader {
         }
         Ok(out)
     }
+}
+
+/// A read's first row against the catalog fingerprint its plan was built from
+/// ([`SlicePlan::catalog`]): checked on the first row, before anything is handed on, since
+/// every row of a read carries the same value.
+fn check_catalog(plan: &SlicePlan, r: &sqlx::postgres::PgRow) -> Result<()> {
+    if let Some(expected) = &plan.catalog {
+        if r.try_get::<Option<&str>, _>(6)? != Some(expected) {
+            return Err(StoreError::CatalogChanged(plan.table.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A read that Postgres refused because the columns it selects changed type since the

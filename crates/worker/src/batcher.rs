@@ -165,10 +165,7 @@ impl Statements {
                     Err(_) => {
                         let mut out = Vec::with_capacity(reqs.len());
                         for r in &reqs {
-                            out.push(
-                                c.finish_slice(&r.claim, &r.progress, &r.run, r.compact_every)
-                                    .await,
-                            );
+                            out.push(c.finish_slices(std::slice::from_ref(r)).await.map(|f| f[0]));
                         }
                         out
                     }

@@ -751,12 +751,7 @@ impl Worker {
                 position,
                 p.horizon,
                 p.want,
-                |mut r| {
-                    let json = std::mem::take(&mut r.json);
-                    let body =
-                        payload_from(p.tenant.id, &plan.table, &r, json, p.batch_id, p.synced_at);
-                    (r, body)
-                },
+                |r| p.with_payload(&plan.table, r),
             )
             .await
     }
@@ -780,12 +775,7 @@ impl Worker {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|mut r| {
-                let json = std::mem::take(&mut r.json);
-                let body =
-                    payload_from(p.tenant.id, &plan.table, &r, json, p.batch_id, p.synced_at);
-                (r, body)
-            })
+            .map(|r| p.with_payload(&plan.table, r))
             .collect())
     }
 
@@ -1115,6 +1105,22 @@ struct PageRead<'a> {
     synced_at: &'a str,
     horizon: DateTime<Utc>,
     want: i64,
+}
+
+impl PageRead<'_> {
+    /// A row read for this page, with its insertAll payload built in the row's own JSON buffer.
+    fn with_payload(&self, table: &str, mut r: SourceRow) -> (SourceRow, String) {
+        let json = std::mem::take(&mut r.json);
+        let body = payload_from(
+            self.tenant.id,
+            table,
+            &r,
+            json,
+            self.batch_id,
+            self.synced_at,
+        );
+        (r, body)
+    }
 }
 
 /// What [`Worker::send_page`] did with one page.

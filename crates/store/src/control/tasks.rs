@@ -297,11 +297,7 @@ impl ControlPlane {
             .await?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            let task = TaskId {
-                tenant_id: row.try_get("task_tenant_id")?,
-                table_id: row.try_get("task_table_id")?,
-            };
-            found.insert(task, row);
+            found.insert(task_from_row(row)?, row);
         }
         Ok(tasks
             .iter()
@@ -411,10 +407,7 @@ impl ControlPlane {
             .await?;
         let mut found = std::collections::HashMap::with_capacity(out.len());
         for row in &out {
-            let task = TaskId {
-                tenant_id: row.try_get("tenant_id")?,
-                table_id: row.try_get("table_id")?,
-            };
+            let task = task_from_row(row)?;
             let committed: bool = row.try_get("committed")?;
             let finish = Finish {
                 commit: if committed {
@@ -494,6 +487,14 @@ impl ControlPlane {
         }
         Ok(row.try_get("oldest")?)
     }
+}
+
+/// The task a row of a batched statement answers (its `tenant_id` and `table_id`).
+fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<TaskId> {
+    Ok(TaskId {
+        tenant_id: row.try_get("tenant_id")?,
+        table_id: row.try_get("table_id")?,
+    })
 }
 
 fn slice_start_from_row(task: TaskId, row: &sqlx::postgres::PgRow) -> Result<SliceStart> {

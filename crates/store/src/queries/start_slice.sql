@@ -32,7 +32,7 @@ WITH req AS (
     RETURNING s.tenant_id, s.table_id, s.fencing_token, s.watermark_cursor, s.watermark_key,
               s.synced_through, s.schema_hash, s.batches_visible_through, s.changed_until
 )
-SELECT req.tenant_id AS task_tenant_id, req.table_id AS task_table_id,
+SELECT req.tenant_id, req.table_id,
        tn.id, tn.slug, tn.organization_id, tn.bq_project, tn.bq_dataset, tn.status,
        tn.max_requests_per_s, tn.max_rows_per_s, tn.credentials_nonce,
        tn.credentials_nonce IS NOT NULL AS has_credentials,
