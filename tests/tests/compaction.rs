@@ -72,3 +72,61 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
     assert_eq!(count("hist_latest", "").await, 10);
     env.cleanup().await.unwrap();
 }
+
+/// A worker that died after its rows landed sends them again once BigQuery's insertId window
+/// has passed: the base table then holds two copies of one version (same `_version_id`).
+/// Compaction must keep the key's newest version whatever copies exist (issue 13: it deleted
+/// every row of a version id ranked second, so the key vanished from `_latest`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_keeps_a_newest_version_stored_twice() {
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE twice (id bigint PRIMARY KEY, organization_id bigint NOT NULL, v int,
+                             updated_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO twice SELECT g, 1, 1, now() - interval '1 minute' FROM generate_series(1, 10) g;",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let spec = env.add_table("twice", "organization_id").await.unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    let mut cfg = env.worker_config();
+    cfg.compact_window = Duration::from_secs(3);
+    let worker = env.worker_with(cfg, Arc::new(NoHooks));
+    let bq = env.bq(&t).await.unwrap();
+    let count = |table: &str, filter: &str| {
+        let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
+        let bq = &bq;
+        async move { scalar_i64(&bq.query(&sql).await.unwrap()) }
+    };
+
+    env.sync_once(&worker).await.unwrap(); // v1 of 10 keys
+    sqlx::raw_sql("UPDATE twice SET v = 2, updated_at = now() WHERE id <= 5")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    env.sync_once(&worker).await.unwrap(); // v2 of keys 1-5
+                                           // The re-send: every stored row once more, same version ids (keys 1-5 now have a
+                                           // superseded v1 and two copies of v2; keys 6-10 two copies of v1).
+    let table = bq.qualified("twice");
+    bq.query(&format!("INSERT INTO {table} SELECT * FROM {table}"))
+        .await
+        .unwrap();
+    assert_eq!(count("twice", "").await, 30);
+    assert_eq!(count("twice_latest", "").await, 10);
+
+    tokio::time::sleep(Duration::from_secs(4)).await; // everything is past the window now
+    worker.compact(&t, &spec).await.unwrap();
+    assert_eq!(
+        count("twice_latest", "").await,
+        10,
+        "compaction removed keys whose newest version was stored twice"
+    );
+    assert_eq!(count("twice_latest", "WHERE v = 2").await, 5);
+    assert_eq!(
+        count("twice", "WHERE v = 1 AND id <= 5").await,
+        0,
+        "superseded v1 removed"
+    );
+    env.cleanup().await.unwrap();
+}

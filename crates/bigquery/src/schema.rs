@@ -61,6 +61,13 @@ pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> Strin
 /// sit in the streaming buffer (BigQuery refuses to modify those) and leaves recent history for
 /// readers who look at versions. The order matches `latest_view_sql`, so the view's answer
 /// never changes.
+///
+/// `_version_id` is not unique in the table: a slice re-sent after BigQuery's insertId window
+/// (a worker killed after its rows landed) stores a second copy of the same versions. So what
+/// is kept is named, not what is deleted: every row whose `_version_id` is some key's newest
+/// committed version survives, all its copies included (the view shows one). Deleting "the
+/// ids ranked below 1" instead deleted both copies of a doubled newest version, and the key
+/// with them (issue 13).
 pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u64) -> String {
     let keys = keys
         .iter()
@@ -74,9 +81,9 @@ pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u6
         "DELETE FROM {t} \
          WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND) \
          AND (_batch_id NOT IN (SELECT batch_id FROM {b}) \
-              OR _version_id IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER \
+              OR _version_id NOT IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER \
                  (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) \
-                 AS _rn FROM {c}) WHERE _rn > 1))",
+                 AS _rn FROM {c}) WHERE _rn = 1))",
         b = client.qualified(BATCHES_TABLE),
         c = committed(client, table),
     )
