@@ -3,7 +3,7 @@
 pub mod pool;
 pub mod ratelimit;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -40,10 +40,27 @@ pub struct Lease {
     pub ttl: Duration,
 }
 
+/// How the shared connection reconnects after Redis went away. The redis crate's default
+/// multiplies each wait by 100 from a 1 s start: after a 2-3 s restart the second attempt came
+/// ~100 s later, and no slice could take a lease meanwhile (issue 13). Here every attempt waits
+/// about a second (backon's minimum, with jitter), so a blip costs seconds; after
+/// `RECONNECT_ATTEMPTS` failures the caller sees the error and the next command starts over.
+/// The timeouts turn a half-open socket (no RST from a vanished peer) into an error that
+/// triggers the reconnect instead of a command that never returns.
+pub fn connection_config() -> ConnectionManagerConfig {
+    const RECONNECT_ATTEMPTS: usize = 4;
+    ConnectionManagerConfig::new()
+        .set_factor(1)
+        .set_max_delay(1_000)
+        .set_number_of_retries(RECONNECT_ATTEMPTS)
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(5))
+}
+
 impl Leases {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, LeaseError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let conn = ConnectionManager::new_with_config(client, connection_config()).await?;
         Ok(Self {
             conn,
             prefix: prefix.to_string(),
