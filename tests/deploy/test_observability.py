@@ -33,13 +33,15 @@ CONTRACT = {
     "tenantsync_dlq_rows": ("gauge", {"tenant", "table"}),
     "tenantsync_tenants": ("gauge", {"status"}),
     "tenantsync_tenant_credentials_invalid": ("gauge", {"tenant"}),
+    "tenantsync_coordinator_tick_failures_total": ("counter", set()),
+    "tenantsync_coordinator_scan_failures_total": ("counter", {"table"}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Grafana variables a query may use. The e2e run substitutes them; nothing else may appear.
 ALLOWED_VARIABLES = {"tenant", "__rate_interval"}
 DASHBOARD_FILES = ("fleet-overview.json", "tenant-drilldown.json")
 ALERTS = {"TenantLagHigh", "TenantCredentialsInvalid", "NoLiveWorkers", "DeadLettersGrowing",
-          "NoCoordinatorLeading"}
+          "NoCoordinatorLeading", "CoordinatorTicksFailing", "ChangeDetectionFailing"}
 
 METRIC_RE = re.compile(r"\btenantsync_[a-z_]+\b")
 

@@ -318,7 +318,7 @@ async fn prometheus_evaluates_every_dashboard_query_and_alert_and_the_lag_alert_
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().clone())
         .collect();
-    assert_eq!(rules.len(), 5, "alert rules loaded: {rules:?}");
+    assert_eq!(rules.len(), 7, "alert rules loaded: {rules:?}");
     for r in &rules {
         assert_eq!(r["health"], "ok", "rule {}: {r}", r["name"]);
         let expr = r["query"].as_str().unwrap();

@@ -53,6 +53,8 @@ pub struct TickReport {
     pub changed_tasks: u64,
     pub due: usize,
     pub queued: usize,
+    /// Tables whose change detection failed this tick (the others were still scanned).
+    pub scan_failures: u32,
     pub took: Duration,
 }
 
@@ -71,6 +73,8 @@ pub struct Scheduler {
     restart: std::collections::HashSet<i64>,
     plans: HashMap<i64, SlicePlan>,
     plans_at: Option<Instant>,
+    /// Tables whose last change detection failed (logged once per failing spell).
+    scan_failing: std::collections::HashSet<i64>,
 }
 
 impl Scheduler {
@@ -100,6 +104,7 @@ impl Scheduler {
                 {
                     Ok(cols) => match SlicePlan::build(&spec, &cols) {
                         Ok(p) => {
+                            metrics::scan_registered(&p.table);
                             self.plans.insert(spec.id, p);
                         }
                         // The worker records this error on the task; here it only means no
@@ -125,36 +130,30 @@ impl Scheduler {
 
         let horizon = deps.source.horizon(cfg.cursor_skew).await?;
         r.queries += 1;
-        for (table_id, plan) in &self.plans {
-            let since = match self.since.get(table_id) {
-                Some(s) => *s,
-                None => {
-                    // A table registered after this leadership began.
-                    self.restart.insert(*table_id);
-                    beginning()
+        let plans = std::mem::take(&mut self.plans);
+        for (table_id, plan) in &plans {
+            // One table's failure (a source row the query cannot decode, a dropped table, a
+            // permission revoked) must not stop change detection of every other table: it is
+            // counted and logged, its coverage stays where it was, and the next tick retries.
+            match self
+                .scan_table(*table_id, plan, horizon, deps, &mut r)
+                .await
+            {
+                Ok(()) => {
+                    if self.scan_failing.remove(table_id) {
+                        info!(table = %plan.table, "change detection recovered");
+                    }
                 }
-            };
-            if since >= horizon {
-                continue;
+                Err(e) => {
+                    r.scan_failures += 1;
+                    metrics::scan_failed(&plan.table);
+                    if self.scan_failing.insert(*table_id) {
+                        warn!(table = %plan.table, error = %e, "change detection failed; other tables go on, this one is retried every tick");
+                    }
+                }
             }
-            let changed = deps.source.changed_tenants(plan, since, horizon).await?;
-            r.queries += 1;
-            if !changed.is_empty() {
-                r.changed_tasks += deps
-                    .control
-                    .mark_changed(*table_id, &changed, horizon)
-                    .await?;
-                r.queries += 1;
-            }
-            // Only after the changes are marked: a reader must never see the coverage extended
-            // over a change whose task is not yet known to have one.
-            let restart = self.restart.remove(table_id);
-            deps.control
-                .record_scan(*table_id, since, horizon, restart)
-                .await?;
-            r.queries += 1;
-            self.since.insert(*table_id, horizon);
         }
+        self.plans = plans;
 
         let due = deps.control.due_tasks(cfg.max_enqueue).await?;
         r.queries += 1;
@@ -171,6 +170,47 @@ impl Scheduler {
         r.took = t0.elapsed();
         Ok(r)
     }
+
+    /// Change detection of one table: tenants with rows in `[since, horizon)` are marked
+    /// changed, then the table's coverage moves to `horizon`.
+    async fn scan_table(
+        &mut self,
+        table_id: i64,
+        plan: &SlicePlan,
+        horizon: DateTime<Utc>,
+        deps: &Deps,
+        r: &mut TickReport,
+    ) -> Result<(), TickError> {
+        let since = match self.since.get(&table_id) {
+            Some(s) => *s,
+            None => {
+                // A table registered after this leadership began.
+                self.restart.insert(table_id);
+                beginning()
+            }
+        };
+        if since >= horizon {
+            return Ok(());
+        }
+        let changed = deps.source.changed_tenants(plan, since, horizon).await?;
+        r.queries += 1;
+        if !changed.is_empty() {
+            r.changed_tasks += deps
+                .control
+                .mark_changed(table_id, &changed, horizon)
+                .await?;
+            r.queries += 1;
+        }
+        // Only after the changes are marked: a reader must never see the coverage extended
+        // over a change whose task is not yet known to have one.
+        let restart = self.restart.remove(&table_id);
+        deps.control
+            .record_scan(table_id, since, horizon, restart)
+            .await?;
+        r.queries += 1;
+        self.since.insert(table_id, horizon);
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,9 +222,53 @@ pub enum TickError {
     Lease(#[from] tenantsync_lease::LeaseError),
 }
 
+/// Whether this coordinator's ticks work, for `/readyz`: a coordinator whose every tick fails
+/// schedules nothing, and must not look healthy while it does.
+#[derive(Debug, Default)]
+pub struct Health {
+    failing_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Health {
+    /// Ticks failing longer than this make the coordinator unready.
+    pub const UNREADY_AFTER: Duration = Duration::from_secs(15);
+
+    fn set(&self, failing: bool) {
+        let mut f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        match (failing, f.is_some()) {
+            (true, false) => *f = Some(Instant::now()),
+            (false, true) => *f = None,
+            _ => {}
+        }
+    }
+
+    /// How long every tick has been failing, if the last one failed.
+    pub fn failing_for(&self) -> Option<Duration> {
+        let f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        f.map(|t| t.elapsed())
+    }
+
+    /// An explanation when ticks have failed for longer than [`Self::UNREADY_AFTER`].
+    pub fn unready(&self) -> Option<String> {
+        self.failing_for()
+            .filter(|d| *d > Self::UNREADY_AFTER)
+            .map(|d| format!("coordinator ticks failing for {} s", d.as_secs()))
+    }
+}
+
 /// Run as a coordinator until `shutdown`: campaign for leadership, and tick while leading.
 /// Outages of Redis or Postgres are waited out, logged once per state change.
 pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken) {
+    run_with_health(cfg, deps, std::sync::Arc::default(), shutdown).await
+}
+
+/// [`run`], reporting whether ticks work to `health` (served by `/readyz`).
+pub async fn run_with_health(
+    cfg: CoordinatorConfig,
+    deps: Deps,
+    health: std::sync::Arc<Health>,
+    shutdown: CancellationToken,
+) {
     let mut lease: Option<Lease> = None;
     let mut sched = Scheduler::default();
     let mut failing = false;
@@ -246,12 +330,15 @@ pub async fn run(cfg: CoordinatorConfig, deps: Deps, shutdown: CancellationToken
         };
         match step.await {
             Ok(()) => {
+                health.set(false);
                 if failing {
                     info!("coordinator recovered");
                     failing = false;
                 }
             }
             Err(e) => {
+                health.set(true);
+                metrics::tick_failed();
                 if !failing {
                     warn!(error = %e, "coordinator tick failed; retrying");
                     failing = true;

@@ -2,7 +2,7 @@
 //! each refresh (now − effective synced_through), so it keeps rising when no worker runs.
 
 use crate::Deps;
-use metrics::{describe_gauge, gauge, Unit};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tenantsync_core::TenantStatus;
@@ -17,6 +17,8 @@ pub const WORKERS_LIVE: &str = "tenantsync_workers_live";
 pub const TENANTS: &str = "tenantsync_tenants";
 pub const CREDENTIALS_INVALID: &str = "tenantsync_tenant_credentials_invalid";
 pub const DLQ_ROWS: &str = "tenantsync_dlq_rows";
+pub const TICK_FAILURES: &str = "tenantsync_coordinator_tick_failures_total";
+pub const SCAN_FAILURES: &str = "tenantsync_coordinator_scan_failures_total";
 
 pub fn describe() {
     describe_gauge!(
@@ -49,7 +51,32 @@ pub fn describe() {
         Unit::Count,
         "Open rows in the dead-letter table, per tenant and table"
     );
+    describe_counter!(
+        TICK_FAILURES,
+        Unit::Count,
+        "Coordinator ticks that failed as a whole (control plane, source or Redis unreachable)"
+    );
+    describe_counter!(
+        SCAN_FAILURES,
+        Unit::Count,
+        "Change detections of one table that failed; the other tables were still scanned"
+    );
     gauge!(LEADER).set(0.0);
+    counter!(TICK_FAILURES).absolute(0);
+}
+
+pub(crate) fn tick_failed() {
+    counter!(TICK_FAILURES).increment(1);
+}
+
+/// The table's failure counter at 0 (a no-op when it counted already), so dashboards and
+/// alerts see a series per table before anything fails.
+pub(crate) fn scan_registered(table: &str) {
+    counter!(SCAN_FAILURES, "table" => table.to_string()).absolute(0);
+}
+
+pub(crate) fn scan_failed(table: &str) {
+    counter!(SCAN_FAILURES, "table" => table.to_string()).increment(1);
 }
 
 pub(crate) fn leader(is: bool) {

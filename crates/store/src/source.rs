@@ -138,6 +138,8 @@ struct PlanSql {
     /// Changelog capture: keys of one tenant with changes not yet sent (verify skips them).
     pending_sql: Option<String>,
     changed_sql: String,
+    /// Cursor capture: rows of one tenant that cannot be placed in time (see `cursor_sql`).
+    unsyncable_sql: Option<String>,
     backlog_sql: String,
     /// Cursor capture: the next rows of several tenants in one statement (see
     /// [`SourceReader::read_slices`]).
@@ -329,7 +331,8 @@ impl SlicePlan {
                     // No version to compare: the change table has no lasting record of one.
                     // Keys with changes still pending are left out by `pending_keys`.
                     verify_sql: format!(
-                        "SELECT ARRAY[{key_text}] AS k, NULL::bigint AS ts, {del} AS del
+                        "SELECT ARRAY[{key_text}] AS k, NULL::bigint AS ts, {del} AS del,
+                                false AS bad
                          FROM {source} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
                         del = deleted.as_deref().unwrap_or("false"),
                     ),
@@ -349,6 +352,7 @@ impl SlicePlan {
                              SELECT 1 FROM {ct} c WHERE c.tenant = w.tenant LIMIT $3) x) AS n
                          FROM unnest($1::text[], $2::timestamptz[]) AS w(tenant, since)"
                     ),
+                    unsyncable_sql: None,
                     watermark_parts: 1,
                 }
             }
@@ -475,16 +479,20 @@ impl SlicePlan {
         // casting the watermark parameters again for each: 3× the time per slice read in the
         // throughput benchmark. The first slice's lower bound only gives that index its range.
         let tail = format!("ORDER BY {} LIMIT $3", order.join(", "));
-        let first_sql = format!(
-            "{base} AND ({tn}, {cur}) >= ($1::text::{tn_type}, '-infinity'::{}) {tail}",
-            cursor.sql_type
+        // Strictly after -infinity: a row there (or at infinity, or NULL) has no place in
+        // time, so no version time and no place in the keyset order; it is never read here but
+        // reported by `unsyncable_sql` (before, one such row stopped its table for good).
+        let not_minus_inf = format!(
+            "({tn}, {cur}) > ($1::text::{tn_type}, '-infinity'::{ct})",
+            ct = cursor.sql_type
         );
+        let first_sql = format!("{base} AND {not_minus_inf} {tail}");
         let next_sql = format!(
             "{base} AND ({tn}, {}) > ($1::text::{tn_type}, {}) {tail}",
             order.join(", "),
             wm_params.join(", ")
         );
-        let range_sql = format!("{base} {}", s.range_filter);
+        let range_sql = format!("{base} AND {not_minus_inf} {}", s.range_filter);
         // The next rows of several tenants, each after its own watermark and below its own
         // horizon, in one statement: one index range per tenant, as `next_sql` reads it, and
         // each row tagged with its request's position (`i`, after the source columns).
@@ -521,11 +529,25 @@ impl SlicePlan {
             order = order.join(", "),
         );
         let verify_sql = format!(
-            "SELECT ARRAY[{key_text}] AS k, (extract(epoch FROM {cur_tz}) * 1000000)::bigint AS ts
-                    , {del} AS del
+            "SELECT ARRAY[{key_text}] AS k,
+                    CASE WHEN isfinite({cur}) THEN (extract(epoch FROM {cur_tz}) * 1000000)::bigint END AS ts,
+                    {del} AS del, ({cur} IS NULL OR NOT isfinite({cur})) AS bad
              FROM {source} t WHERE {tn} = $1::text::{tn_type} ORDER BY {ko}",
             del = s.deleted.unwrap_or("false"),
         );
+        // Rows of one tenant whose cursor is NULL or ±infinity, with its text: each is an
+        // index range of the (tenant, cursor) index, where `NOT isfinite(...)` would read
+        // every row of the tenant.
+        let unsyncable_sql = ["IS NULL", "= 'infinity'", "= '-infinity'"]
+            .iter()
+            .map(|cond| {
+                format!(
+                    "(SELECT ARRAY[{key_text}] AS k, ({cur})::text AS c FROM {source} t
+                      WHERE {tn} = $1::text::{tn_type} AND {cur} {cond} ORDER BY {ko} LIMIT $2)"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
         // Which tenants have rows in [$1, horizon $2): one query per table per coordinator tick,
         // however many tenants are idle.
         let since = if cursor_is_tz {
@@ -533,8 +555,11 @@ impl SlicePlan {
         } else {
             "($1::timestamptz AT TIME ZONE 'UTC')".to_string()
         };
+        // A row whose tenant is NULL belongs to no tenant and is never read: it must not
+        // fail the scan of every tenant's changes either (issue 13).
         let changed_sql = format!(
-            "SELECT DISTINCT ({tn})::text FROM {source} t WHERE {cur} >= {since} AND {cur} < {horizon}",
+            "SELECT DISTINCT ({tn})::text FROM {source} t
+             WHERE {cur} >= {since} AND {cur} < {horizon} AND {tn} IS NOT NULL",
         );
         // Rows at or after each tenant's confirmed point, for the backlog gauge: one query per
         // table for all lagging tenants, each count capped at $3 so a huge backfill costs a
@@ -549,6 +574,7 @@ impl SlicePlan {
             "SELECT w.tenant, (SELECT count(*) FROM (
                  SELECT 1 FROM {source} t
                  WHERE {tn} = w.tenant::{tn_type} AND (w.since IS NULL OR {cur} >= {since_w})
+                   AND {cur} > '-infinity' AND {cur} < 'infinity'
                  LIMIT $3) x) AS n
              FROM unnest($1::text[], $2::timestamptz[]) AS w(tenant, since)",
         );
@@ -561,6 +587,7 @@ impl SlicePlan {
             group_sql: Some(group_sql),
             changed_sql,
             backlog_sql,
+            unsyncable_sql: Some(unsyncable_sql),
             watermark_parts: spec.key_columns.len(),
         })
     }
@@ -817,6 +844,19 @@ impl SourceReader {
     }
 }
 
+/// One source row as `verify` sees it.
+#[derive(Debug, Clone)]
+pub struct TenantKey {
+    pub key: Vec<String>,
+    /// The cursor as microseconds since the epoch (what `_source_ts` holds in BigQuery); None
+    /// under changelog capture, or when the row is unsyncable.
+    pub micros: Option<i64>,
+    /// Marked deleted (soft delete).
+    pub deleted: bool,
+    /// The cursor is NULL or infinite: the row is never sent (reported as a dead letter).
+    pub unsyncable: bool,
+}
+
 impl SourceReader {
     /// Every key of one tenant, in key order, with its cursor as microseconds since the epoch
     /// (what `_source_ts` holds in BigQuery; None under changelog capture, where no source
@@ -826,15 +866,42 @@ impl SourceReader {
         &self,
         plan: &SlicePlan,
         organization_id: &str,
-    ) -> Result<Vec<(Vec<String>, Option<i64>, bool)>> {
+    ) -> Result<Vec<TenantKey>> {
         let mut out = Vec::new();
         let mut rows = sqlx::query(&plan.sql.verify_sql)
             .bind(organization_id)
             .fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.push((r.try_get("k")?, r.try_get("ts")?, r.try_get("del")?));
+            out.push(TenantKey {
+                key: r.try_get("k")?,
+                micros: r.try_get("ts")?,
+                deleted: r.try_get("del")?,
+                unsyncable: r.try_get("bad")?,
+            });
         }
         Ok(out)
+    }
+
+    /// Cursor capture: up to `limit` rows of one tenant whose cursor is NULL, `infinity` or
+    /// `-infinity`, as (key, cursor text). Such a row cannot be ordered among versions, so it
+    /// is never sent; this is how it is found and reported. Empty under changelog capture.
+    pub async fn unsyncable_rows(
+        &self,
+        plan: &SlicePlan,
+        organization_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(Vec<String>, Option<String>)>> {
+        let Some(sql) = &plan.sql.unsyncable_sql else {
+            return Ok(vec![]);
+        };
+        let rows = sqlx::query(sql)
+            .bind(organization_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("k")?, r.try_get("c")?)))
+            .collect()
     }
 
     /// Changelog capture: the keys of one tenant with changes not yet in BigQuery (their

@@ -1,5 +1,6 @@
 //! `/metrics` (Prometheus), `/healthz` (liveness: the process answers) and `/readyz`
-//! (readiness: the control plane and Redis answer) for coordinators and workers.
+//! (readiness: the control plane and Redis answer, and a coordinator's ticks work) for
+//! coordinators and workers.
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -8,6 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_lease::Leases;
 use tenantsync_store::ControlPlane;
@@ -41,6 +43,7 @@ struct AppState {
     metrics: PrometheusHandle,
     control: ControlPlane,
     leases: Leases,
+    coordinator: Option<Arc<tenantsync_coordinator::Health>>,
 }
 
 async fn metrics(State(s): State<AppState>) -> String {
@@ -67,15 +70,20 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     if !matches!(redis, Ok(Ok(_))) {
         return (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable".into());
     }
+    if let Some(why) = s.coordinator.as_ref().and_then(|h| h.unready()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, why);
+    }
     (StatusCode::OK, "ready".into())
 }
 
-/// Serve until `shutdown`. Returns the bound address (useful with port 0).
+/// Serve until `shutdown`. Returns the bound address (useful with port 0). `coordinator`: the
+/// health of this process' coordinator role, if it runs one.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     control: ControlPlane,
     leases: Leases,
+    coordinator: Option<Arc<tenantsync_coordinator::Health>>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let app = Router::new()
@@ -86,6 +94,7 @@ pub async fn serve(
             metrics: handle,
             control,
             leases,
+            coordinator,
         });
     let listener = tokio::net::TcpListener::bind(addr)
         .await

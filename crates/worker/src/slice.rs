@@ -413,11 +413,11 @@ impl Worker {
             }
         };
         // A caught-up slice asks for the task's periodic turn in its commit: compaction of a
-        // latest-mode table, the MERGE of a merge-mode one.
+        // latest-mode table, the MERGE of a merge-mode one, and for every mode the report of
+        // rows that cannot be synced.
         let periodic_every = match spec.mode {
-            Mode::Latest => Some(self.cfg.compact_every),
+            Mode::Latest | Mode::History => Some(self.cfg.compact_every),
             Mode::Merge => Some(self.cfg.merge_every),
-            Mode::History => None,
         }
         .filter(|_| progress.error.is_none() && !progress.next_run_in.is_zero());
         let finish = self
@@ -486,6 +486,8 @@ impl Worker {
         // Caught up and still holding the lease: the moment to compact, if the turn came.
         if finish.compact {
             self.periodic_now(&tenant, &spec).await;
+        } else if finish.first_turn {
+            self.report_unsyncable(&tenant, &spec, task).await;
         }
         Ok(SliceReport {
             task,
@@ -1057,6 +1059,13 @@ impl Worker {
         &self,
         d: &tenantsync_store::control::dead_letters::DeadLetter,
     ) -> Result<(), WorkerError> {
+        if d.payload.is_empty() {
+            // Reported, never built (see `report_unsyncable`): there is nothing to send.
+            return Err(WorkerError::BigQuery(BqError::Invalid(format!(
+                "dead letter {} was never sent ({}); fix the source row and it syncs by itself",
+                d.id, d.reason
+            ))));
+        }
         let tenant = self.deps.control.tenant_by_id(d.tenant_id).await?;
         let spec = self.deps.control.table(d.table_id).await?;
         let client = self.client(&tenant).await?;

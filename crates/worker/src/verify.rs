@@ -50,6 +50,9 @@ pub struct Verification {
     /// Keys in `_latest` with no row in Postgres (deleted at the source, or written behind
     /// our back).
     pub extra: Vec<Vec<String>>,
+    /// Source rows whose cursor is NULL or infinite: never sent, so not compared (each is a
+    /// dead letter naming its cursor value; a real time makes it sync).
+    pub unsyncable: Vec<Vec<String>>,
     /// What `--repair` sent, when it ran.
     pub repaired_rows: Option<usize>,
 }
@@ -120,18 +123,24 @@ impl Worker {
             tenant: tenant.slug.clone(),
             table: spec.source_table.clone(),
             checked_before,
-            source_rows: source.iter().filter(|r| !r.2).count(),
+            source_rows: source.iter().filter(|r| !r.deleted).count(),
             bigquery_rows: bq.len(),
             compared: 0,
             ranges: Vec::new(),
             extra: Vec::new(),
+            unsyncable: Vec::new(),
             repaired_rows: None,
         };
         let before = checked_before.map_or(i64::MIN, |t| t.timestamp_micros());
         for block in source.chunks(RANGE_KEYS) {
             let (mut missing, mut stale) = (0, 0);
-            for (key, ts, deleted) in block {
+            for row in block {
+                let (key, ts, deleted) = (&row.key, &row.micros, &row.deleted);
                 let in_bq = bq.remove(key);
+                if row.unsyncable {
+                    v.unsyncable.push(key.clone());
+                    continue;
+                }
                 if ts.is_some_and(|ts| ts >= before) || pending.contains(key) {
                     continue; // not confirmed yet: on its way
                 }
@@ -147,8 +156,8 @@ impl Worker {
             }
             if missing + stale > 0 {
                 v.ranges.push(DriftRange {
-                    from: block[0].0.clone(),
-                    to: block[block.len() - 1].0.clone(),
+                    from: block[0].key.clone(),
+                    to: block[block.len() - 1].key.clone(),
                     missing,
                     stale,
                 });

@@ -61,6 +61,35 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Record the rows of one task that can never be sent (their cursor is NULL or infinite)
+    /// as dead letters with an empty payload, once per key while open. With `complete` (the
+    /// list is every such row, not a truncated one), open letters of this kind whose rows are
+    /// no longer in the list are closed as discarded: the row got a real time and syncs (or
+    /// went away). Returns how many letters were added.
+    pub async fn report_unsyncable(
+        &self,
+        task: TaskId,
+        rows: &[NewDeadLetter],
+        complete: bool,
+    ) -> Result<u64> {
+        let keys: Vec<String> = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.key).expect("strings serialize"))
+            .collect();
+        let cursors: Vec<&str> = rows.iter().map(|r| r.cursor.as_str()).collect();
+        let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+        let added: i64 = sqlx::query_scalar(include_str!("../queries/report_unsyncable.sql"))
+            .bind(task.tenant_id)
+            .bind(task.table_id)
+            .bind(&keys)
+            .bind(&cursors)
+            .bind(&reasons)
+            .bind(complete)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(added as u64)
+    }
+
     /// Dead letters, newest first; `status` None means every status.
     pub async fn dead_letters(
         &self,

@@ -94,6 +94,9 @@ pub struct Finish {
     pub commit: Commit,
     /// The compaction turn was asked for, is due and is now taken: compact.
     pub compact: bool,
+    /// The task's first turn was asked for: it only started the clock (nothing to compact
+    /// yet), but the cheap periodic checks are due.
+    pub first_turn: bool,
 }
 
 /// One task's end of slice, for [`ControlPlane::finish_slices`].
@@ -416,6 +419,7 @@ impl ControlPlane {
                     Commit::Fenced
                 },
                 compact: row.try_get("compact")?,
+                first_turn: row.try_get("first_turn")?,
             };
             found.insert(task, finish);
         }

@@ -5,7 +5,8 @@
 -- 2. the task's compaction turn, when asked for ($12, the interval in seconds) and due: true
 --    when the caller should compact now. The turn is recorded up front, so a failed compaction
 --    waits for the next turn; a task's first turn only starts the clock (right after the first
---    sync there is nothing old to compact);
+--    sync there is nothing old to compact) and says so (`first_turn`: the caller does the
+--    cheap part of its periodic work, the check for rows that cannot be synced);
 -- 3. the run log entry, whose outcome is `fenced` when the progress was refused.
 -- The rows are locked in key order first (see start_slice.sql). A watermark key travels as a
 -- JSON array ($5): keys of different tasks cannot share one two-dimensional text array.
@@ -49,7 +50,8 @@ WITH p AS (
     WHERE s.tenant_id = p.tenant_id AND s.table_id = p.table_id AND s.fencing_token <= p.token
     RETURNING s.tenant_id, s.table_id,
               p.compact_s IS NOT NULL AND old.compacted_at IS NOT NULL
-              AND old.compacted_at <= now() - make_interval(secs => p.compact_s) AS compact
+              AND old.compacted_at <= now() - make_interval(secs => p.compact_s) AS compact,
+              p.compact_s IS NOT NULL AND old.compacted_at IS NULL AS first_turn
 ), run AS (
     INSERT INTO sync_runs (tenant_id, table_id, worker, fencing_token, started_at, duration_ms,
                            rows, outcome, error)
@@ -59,6 +61,6 @@ WITH p AS (
     LEFT JOIN committed c USING (tenant_id, table_id)
 )
 SELECT p.tenant_id, p.table_id, c.tenant_id IS NOT NULL AS committed,
-       coalesce(c.compact, false) AS compact
+       coalesce(c.compact, false) AS compact, coalesce(c.first_turn, false) AS first_turn
 FROM p
 LEFT JOIN committed c USING (tenant_id, table_id)

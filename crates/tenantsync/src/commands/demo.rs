@@ -81,22 +81,25 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let shutdown = shutdown_on_signal();
     let w = worker_on(control.clone(), source.clone(), leases().await?)?;
     let worker_stop = CancellationToken::new();
+    let health = std::sync::Arc::new(tenantsync_coordinator::Health::default());
     let (metrics_at, _http) = crate::http::serve(
         config::metrics_addr()?,
         crate::http::install_recorder()?,
         control.clone(),
         w.deps().leases.clone(),
+        Some(health.clone()),
         shutdown.clone(),
     )
     .await?;
     println!("metrics on http://{metrics_at}/metrics");
-    let coordinator = tokio::spawn(tenantsync_coordinator::run(
+    let coordinator = tokio::spawn(tenantsync_coordinator::run_with_health(
         config::coordinator()?,
         tenantsync_coordinator::Deps {
             control: control.clone(),
             source: source.clone(),
             leases: w.deps().leases.clone(),
         },
+        health,
         worker_stop.clone(),
     ));
     let sync = tokio::spawn(tenantsync_worker::run(

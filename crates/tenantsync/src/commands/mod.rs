@@ -354,16 +354,18 @@ pub(crate) async fn serve(coordinator: bool, pool_worker: bool) -> Result<ExitCo
     let (control, source, leases) = (control().await?, source().await?, leases().await?);
     // Stopped after the roles have drained, so probes answer during shutdown.
     let http_stop = CancellationToken::new();
+    let health = coordinator.then(|| Arc::new(tenantsync_coordinator::Health::default()));
     let (_, http) = crate::http::serve(
         config::metrics_addr()?,
         handle,
         control.clone(),
         leases.clone(),
+        health.clone(),
         http_stop.clone(),
     )
     .await?;
     let mut tasks = tokio::task::JoinSet::new();
-    if coordinator {
+    if let Some(health) = health {
         let cfg = config::coordinator()?;
         let deps = tenantsync_coordinator::Deps {
             control: control.clone(),
@@ -372,7 +374,7 @@ pub(crate) async fn serve(coordinator: bool, pool_worker: bool) -> Result<ExitCo
         };
         let sd = shutdown.clone();
         tasks.spawn(async move {
-            tenantsync_coordinator::run(cfg, deps, sd).await;
+            tenantsync_coordinator::run_with_health(cfg, deps, health, sd).await;
             Ok(())
         });
     }

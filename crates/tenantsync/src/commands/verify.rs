@@ -95,6 +95,15 @@ fn print_verification(v: &tenantsync_worker::verify::Verification) {
             if v.extra.len() > 10 { " …" } else { "" }
         );
     }
+    if !v.unsyncable.is_empty() {
+        let shown: Vec<String> = v.unsyncable.iter().take(10).map(|k| k.join(",")).collect();
+        println!(
+            "      {} row(s) not synced, their cursor is NULL or infinite (see `dlq list`): {}{}",
+            v.unsyncable.len(),
+            shown.join(" "),
+            if v.unsyncable.len() > 10 { " …" } else { "" }
+        );
+    }
 }
 
 pub(crate) async fn resync(args: ResyncArgs) -> Result<ExitCode> {
