@@ -1,4 +1,4 @@
-//! BigQuery failures, classified by what the caller should do next (DESIGN.md, "BigQuery access").
+//! BigQuery failures, classified by what the caller should do next (docs/architecture.md, "A slice's life", step 5).
 
 use std::time::Duration;
 use thiserror::Error;

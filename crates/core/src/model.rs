@@ -41,7 +41,7 @@ impl FromStr for TenantStatus {
     }
 }
 
-/// How versions are kept in the tenant's dataset (DESIGN.md, "What lands in the tenant's dataset").
+/// How versions are kept in the tenant's dataset (README, "What lands in a tenant's dataset").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -82,7 +82,7 @@ impl FromStr for Mode {
     }
 }
 
-/// How changes are found in the source (DESIGN.md, "Change capture").
+/// How changes are found in the source (docs/architecture.md, "A slice's life", step 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Capture {
