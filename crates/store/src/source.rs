@@ -1099,3 +1099,98 @@ fn binary<'r>(v: &sqlx::postgres::PgValueRef<'r>, what: &str) -> Result<Option<&
         .map(Some)
         .map_err(|e| StoreError::Invalid(format!("{what}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantsync_core::Mode;
+
+    fn column(name: &str, base: &str, sql_type: &str) -> PgColumn {
+        PgColumn {
+            name: name.into(),
+            formatted: sql_type.into(),
+            sql_type: sql_type.into(),
+            base_type: base.into(),
+            typtype: "b".into(),
+            is_array: false,
+            numeric_precision: None,
+            numeric_scale: None,
+        }
+    }
+
+    fn plan(capture: Capture) -> SlicePlan {
+        let spec = TableSpec {
+            id: 1,
+            source_schema: "public".into(),
+            source_table: "notes".into(),
+            key_columns: vec!["id".into()],
+            cursor_column: "updated_at".into(),
+            tenant_column: "org".into(),
+            mode: Mode::Latest,
+            enabled: true,
+            sync_interval_ms: 100,
+            slice_rows: 100,
+            soft_delete_column: None,
+            capture,
+        };
+        let columns = [
+            column("id", "int8", "bigint"),
+            column("org", "int8", "bigint"),
+            column("updated_at", "timestamptz", "timestamp with time zone"),
+        ];
+        SlicePlan::build(&spec, &columns).unwrap()
+    }
+
+    #[test]
+    fn change_detection_passes_over_rows_without_a_tenant() {
+        let p = plan(Capture::Cursor);
+        assert!(
+            p.sql.changed_sql.contains(r#"t."org" IS NOT NULL"#),
+            "{}",
+            p.sql.changed_sql
+        );
+    }
+
+    #[test]
+    fn slice_reads_start_strictly_after_minus_infinity() {
+        let p = plan(Capture::Cursor);
+        for sql in [&p.sql.first_sql, &p.sql.range_sql] {
+            assert!(
+                sql.contains(r#"(t."org", t."updated_at") > ($1::text::bigint, '-infinity'"#),
+                "{sql}"
+            );
+        }
+        // The keyset continuation is strictly after a finite watermark: no bound needed.
+        assert!(!p.sql.next_sql.contains("'-infinity'"));
+    }
+
+    #[test]
+    fn unsyncable_rows_are_found_by_index_ranges() {
+        let p = plan(Capture::Cursor);
+        let sql = p.sql.unsyncable_sql.as_deref().unwrap();
+        for cond in [
+            r#"t."updated_at" IS NULL"#,
+            r#"t."updated_at" = 'infinity'"#,
+            r#"t."updated_at" = '-infinity'"#,
+        ] {
+            assert!(sql.contains(cond), "{sql}");
+        }
+        assert!(
+            !sql.contains("isfinite"),
+            "an isfinite() filter reads every row: {sql}"
+        );
+        assert!(plan(Capture::Changelog).sql.unsyncable_sql.is_none());
+    }
+
+    #[test]
+    fn verify_never_casts_an_infinite_cursor() {
+        let p = plan(Capture::Cursor);
+        assert!(
+            p.sql
+                .verify_sql
+                .contains(r#"CASE WHEN isfinite(t."updated_at") THEN"#),
+            "{}",
+            p.sql.verify_sql
+        );
+    }
+}
