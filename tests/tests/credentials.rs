@@ -138,7 +138,10 @@ async fn fixture(upstream: String) -> Fixture {
         revoked,
         assertions,
         seen,
-        proxy: Endpoint::emulator(&proxy_url),
+        proxy: Endpoint::emulator(&proxy_url).with_token_uri_policy(
+            tenantsync_bigquery::TokenUriPolicy::allowing(tenantsync_tests::TEST_TOKEN_HOSTS)
+                .unwrap(),
+        ),
         proxy_url,
         pubkey: key.to_public_key(),
         email,

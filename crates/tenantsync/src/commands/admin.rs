@@ -13,7 +13,7 @@ use tenantsync_admin::{cli_actor, Admin, DataChoice};
 
 /// The admin operations on the control plane only (no source, Redis or key needed).
 async fn admin() -> Result<Admin> {
-    Ok(Admin::new(control().await?, config::endpoint()))
+    Ok(Admin::new(control().await?, config::endpoint()?))
 }
 
 /// With the master key (credential operations).

@@ -41,7 +41,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let t = onboard::add_tenant(
                 &control,
                 &config::master_key()?,
-                &config::endpoint(),
+                &config::endpoint()?,
                 TenantRequest {
                     slug: a.slug,
                     organization_id: a.organization_id,
@@ -77,7 +77,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     )
                 })?,
             );
-            let mut admin = tenantsync_admin::Admin::new(control().await?, config::endpoint());
+            let mut admin = tenantsync_admin::Admin::new(control().await?, config::endpoint()?);
             admin.master_key = Some(Arc::new(config::master_key()?));
             let t = admin
                 .rotate_credentials(&cli_actor(), &a.slug, json)
