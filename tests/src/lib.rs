@@ -229,6 +229,7 @@ impl TestEnv {
     pub async fn add_tenant(&self, slug: &str, org: i64) -> Result<Tenant> {
         Ok(onboard::add_tenant(
             &self.control,
+            &self.source,
             &self.master_key,
             &self.endpoint,
             TenantRequest {

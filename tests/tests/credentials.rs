@@ -173,6 +173,7 @@ async fn onboard_with_key(
 ) -> (tenantsync_core::Tenant, tenantsync_worker::WorkerConfig) {
     let tenant = add_tenant(
         &env.control,
+        &env.source,
         &env.master_key,
         &fx.proxy,
         TenantRequest {

@@ -249,7 +249,8 @@ pub struct TenantLimits {
 pub struct TenantAdd {
     /// Short unique name (lowercase letters, digits, `-`, `_`).
     pub slug: String,
-    /// Value of the tenant column (e.g. `organization_id`) in the source tables.
+    /// Value of the tenant column (e.g. `organization_id`) in the source tables, as Postgres
+    /// prints it (`42`, not `042`); one tenant per organization.
     #[arg(long)]
     pub organization_id: String,
     /// BigQuery project of the tenant.

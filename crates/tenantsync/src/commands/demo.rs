@@ -57,6 +57,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         }
         onboard::add_tenant(
             &control,
+            &source,
             &master_key,
             &endpoint,
             TenantRequest {

@@ -40,6 +40,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             let t = onboard::add_tenant(
                 &control,
+                &source().await?,
                 &config::master_key()?,
                 &config::endpoint()?,
                 TenantRequest {
