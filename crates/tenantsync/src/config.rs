@@ -96,6 +96,14 @@ pub fn master_key() -> Result<MasterKey> {
     Ok(current.with_previous(previous_master_keys()?))
 }
 
+/// The master key when `TENANTSYNC_MASTER_KEY` is set (it must then be usable), else None.
+pub fn master_key_if_set() -> Result<Option<MasterKey>> {
+    match var("TENANTSYNC_MASTER_KEY") {
+        None => Ok(None),
+        Some(_) => master_key().map(Some),
+    }
+}
+
 /// Previous master keys (`TENANTSYNC_MASTER_KEYS_OLD`, comma-separated base64): during a
 /// rotation they still open credentials not yet re-sealed under `TENANTSYNC_MASTER_KEY`.
 fn previous_master_keys() -> Result<Vec<MasterKey>> {
