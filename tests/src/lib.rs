@@ -138,7 +138,10 @@ impl TestEnv {
         Ok(Self {
             master_key: Arc::new(MasterKey::from_base64(&master_key_b64)?),
             master_key_b64,
-            endpoint: Endpoint::emulator(&var("BIGQUERY_EMULATOR_HOST")),
+            endpoint: Endpoint::emulator(&var("BIGQUERY_EMULATOR_HOST")).with_token_uri_policy(
+                tenantsync_bigquery::TokenUriPolicy::allowing(TEST_TOKEN_HOSTS)
+                    .map_err(anyhow::Error::msg)?,
+            ),
             project: std::env::var("BIGQUERY_PROJECT")
                 .unwrap_or_else(|_| "tenantsync-local".into()),
             id,
@@ -226,6 +229,7 @@ impl TestEnv {
     pub async fn add_tenant(&self, slug: &str, org: i64) -> Result<Tenant> {
         Ok(onboard::add_tenant(
             &self.control,
+            &self.source,
             &self.master_key,
             &self.endpoint,
             TenantRequest {
@@ -501,6 +505,11 @@ impl TestEnv {
     }
 }
 
+/// Token endpoints tests may use (`TENANTSYNC_TOKEN_URI_ALLOW_HOSTS` of every test process and
+/// spawned binary): the local token endpoints of the real service-account path. Tests of the
+/// refusal clear it.
+pub const TEST_TOKEN_HOSTS: &str = "127.0.0.1";
+
 /// The longest a test lets `run --once` take. The slowest test needs about 30 s; the margin
 /// covers a loaded machine.
 /// The cursor skew allowance of test workers (`TestEnv::worker_config`).
@@ -532,6 +541,7 @@ impl TestEnv {
                 secrecy::ExposeSecret::expose_secret(&self.master_key_b64),
             )
             .env("TENANTSYNC_LOG_FORMAT", "json")
+            .env("TENANTSYNC_TOKEN_URI_ALLOW_HOSTS", TEST_TOKEN_HOSTS)
             .env("TENANTSYNC_CONTROL_POOL", "3")
             .env("TENANTSYNC_SOURCE_POOL", "3")
             // The local BigQuery commits one write per dataset at a time and refuses the

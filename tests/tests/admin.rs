@@ -165,12 +165,13 @@ async fn tenant_and_table_commands_change_state_and_are_audited() {
     // Caught up: 100 %, lag and watermark shown, in the table and JSON forms of status.
     let (ok, out) = cli(&["status", "--tenant", "ngo-a", "--json"]);
     assert!(ok, "{out}");
-    // The task array comes first, then the pool (workers, leader, queues).
-    let rows: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
-        .into_iter::<Vec<serde_json::Value>>()
+    // One document: the tasks, and the pool (workers, leader, queues). Logs follow on stderr.
+    let doc: serde_json::Value = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
         .next()
         .unwrap()
         .unwrap();
+    let rows = doc["tasks"].as_array().unwrap().clone();
     assert_eq!(rows.len(), 2);
     for r in &rows {
         assert_eq!(r["tenant"], "ngo-a");
@@ -571,12 +572,12 @@ async fn status_shows_backfill_progress_and_eta_while_a_backfill_is_under_way() 
 
     let (ok, out) = env.cli(&["status", "--tenant", "ngo-a", "--json"]);
     assert!(ok, "{out}");
-    let rows: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
-        .into_iter::<Vec<serde_json::Value>>()
+    let doc: serde_json::Value = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
         .next()
         .unwrap()
         .unwrap();
-    let p = &rows[0]["progress"];
+    let p = &doc["tasks"][0]["progress"];
     assert_eq!(p["source_rows"], 12_000, "{p}");
     assert_eq!(p["remaining_rows"], 12_000 - synced, "{p}");
     let percent = p["percent"].as_f64().unwrap();

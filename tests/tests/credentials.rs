@@ -138,7 +138,10 @@ async fn fixture(upstream: String) -> Fixture {
         revoked,
         assertions,
         seen,
-        proxy: Endpoint::emulator(&proxy_url),
+        proxy: Endpoint::emulator(&proxy_url).with_token_uri_policy(
+            tenantsync_bigquery::TokenUriPolicy::allowing(tenantsync_tests::TEST_TOKEN_HOSTS)
+                .unwrap(),
+        ),
         proxy_url,
         pubkey: key.to_public_key(),
         email,
@@ -170,6 +173,7 @@ async fn onboard_with_key(
 ) -> (tenantsync_core::Tenant, tenantsync_worker::WorkerConfig) {
     let tenant = add_tenant(
         &env.control,
+        &env.source,
         &env.master_key,
         &fx.proxy,
         TenantRequest {

@@ -1,5 +1,5 @@
-//! Access tokens: a tenant's service-account key (real BigQuery, or any endpoint honouring its
-//! `token_uri`), or a fixed token for the local emulator.
+//! Access tokens: a tenant's service-account key (real BigQuery, or a token endpoint the
+//! operator allowed), or a fixed token for the local emulator.
 
 use crate::error::BqError;
 use secrecy::{ExposeSecret, SecretString};
@@ -7,6 +7,118 @@ use std::fmt;
 use std::sync::Arc;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
+
+/// Google's token endpoint, what every genuine service-account key names as its `token_uri`.
+pub const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+
+/// The operator setting that allows token endpoints other than Google's (named in refusals).
+pub const ALLOW_HOSTS_VAR: &str = "TENANTSYNC_TOKEN_URI_ALLOW_HOSTS";
+
+/// Which token endpoints a key's `token_uri` may name.
+///
+/// A key file comes from a customer, and onboarding POSTs a signed assertion to its `token_uri`
+/// from inside the deployment's network: a key naming the cloud metadata address, a loopback
+/// service or an internal host turns `tenant add` into a request forgery. So only Google's
+/// endpoint is used unless the operator lists other hosts (a test or on-premises token service).
+/// Hosts are compared after parsing, exactly: `[::ffff:127.0.0.1]` is not `127.0.0.1`, and a
+/// name is not matched by its subdomains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenUriPolicy {
+    allowed: Vec<AllowedHost>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AllowedHost {
+    host: url::Host<String>,
+    /// None: any port.
+    port: Option<u16>,
+}
+
+impl TokenUriPolicy {
+    /// Google's token endpoint only.
+    pub fn google_only() -> Self {
+        Self::default()
+    }
+
+    /// Also allow the hosts of a comma-separated list of `host` or `host:port` entries
+    /// (`[v6]` or `[v6]:port` for IPv6). Such hosts may be reached over plain http: they are
+    /// the operator's own (a token service on loopback in tests).
+    pub fn allowing(list: &str) -> Result<Self, String> {
+        let mut allowed = Vec::new();
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            allowed.push(AllowedHost::parse(entry)?);
+        }
+        Ok(Self { allowed })
+    }
+
+    /// Check a key's `token_uri` and return it parsed and normalized: the URL the token request
+    /// must go to, so that the HTTP client never sees a spelling this check did not parse.
+    /// Every refusal names `token_uri`; none echoes more of the key.
+    pub fn check(&self, token_uri: &str) -> Result<url::Url, BqError> {
+        let refuse = |why: String| BqError::BadCredentials(format!("token_uri {why}"));
+        let url = url::Url::parse(token_uri)
+            .map_err(|e| refuse(format!("is not an absolute URL ({e})")))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(refuse(format!(
+                "has scheme {:?}; only https is used",
+                url.scheme()
+            )));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(refuse(
+                "carries a user name or password; a token endpoint URL has none".into(),
+            ));
+        }
+        let Some(host) = url.host() else {
+            return Err(refuse("has no host".into()));
+        };
+        if url.as_str() == GOOGLE_TOKEN_URI {
+            return Ok(url);
+        }
+        let host = host.to_owned();
+        let port = url.port_or_known_default();
+        if self
+            .allowed
+            .iter()
+            .any(|a| a.host == host && (a.port.is_none() || a.port == port))
+        {
+            return Ok(url);
+        }
+        Err(refuse(format!(
+            "names {}{}, not Google's token endpoint {GOOGLE_TOKEN_URI}; an operator can allow \
+             other hosts with {ALLOW_HOSTS_VAR}",
+            host,
+            port.map(|p| format!(":{p}")).unwrap_or_default(),
+        )))
+    }
+}
+
+impl AllowedHost {
+    fn parse(entry: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{entry:?} is not a host or host:port ({why})");
+        // Parsed the way token URIs are, so both sides normalize alike (case, IPv4 forms).
+        let url = url::Url::parse(&format!("http://{entry}/")).map_err(|e| bad(&e.to_string()))?;
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || url.path() != "/"
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(bad("a bare host is expected"));
+        }
+        let host = url.host().ok_or_else(|| bad("no host"))?.to_owned();
+        // `url` drops a port equal to the scheme's default, so read whether one was written.
+        let explicit_port = entry.rsplit_once(':').is_some_and(|(h, p)| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']'))
+        });
+        Ok(Self {
+            host,
+            port: explicit_port.then(|| url.port_or_known_default()).flatten(),
+        })
+    }
+}
 
 /// How a tenant authenticates.
 #[derive(Clone)]
@@ -95,15 +207,22 @@ pub(crate) enum TokenSource {
 }
 
 impl TokenSource {
-    pub(crate) async fn new(creds: &Credentials) -> Result<Self, BqError> {
+    pub(crate) async fn new(creds: &Credentials, policy: &TokenUriPolicy) -> Result<Self, BqError> {
         match creds {
             Credentials::Emulator => Ok(Self::Fixed("emulator-token")),
             Credentials::ServiceAccount(json) => {
-                parse_service_account(json)?;
-                let key = yup_oauth2::parse_service_account_key(json.expose_secret().as_bytes())
-                    .map_err(|_| {
-                        BqError::BadCredentials("service-account key could not be parsed".into())
-                    })?;
+                let sa = parse_service_account(json)?;
+                // Checked on every use, not only at onboarding: keys stored before the policy
+                // existed, or under a wider allow-list, are held to the current one.
+                let token_uri = policy.check(&sa.token_uri)?;
+                let mut key =
+                    yup_oauth2::parse_service_account_key(json.expose_secret().as_bytes())
+                        .map_err(|_| {
+                            BqError::BadCredentials(
+                                "service-account key could not be parsed".into(),
+                            )
+                        })?;
+                key.token_uri = token_uri.into();
                 let auth = yup_oauth2::ServiceAccountAuthenticator::builder(key)
                     .build()
                     .await
@@ -173,6 +292,117 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("PEM") && !e.contains("zzsecretzz"), "{e}");
+    }
+
+    fn policy(list: &str) -> TokenUriPolicy {
+        TokenUriPolicy::allowing(list).unwrap()
+    }
+
+    fn refused(p: &TokenUriPolicy, uri: &str) -> String {
+        match p.check(uri) {
+            Ok(u) => panic!("{uri:?} was allowed as {u}"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("token_uri"),
+                    "refusal does not name token_uri: {e}"
+                );
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn only_googles_token_endpoint_by_default() {
+        let p = TokenUriPolicy::google_only();
+        assert_eq!(
+            p.check(GOOGLE_TOKEN_URI).unwrap().as_str(),
+            GOOGLE_TOKEN_URI
+        );
+        assert_eq!(
+            p.check("https://OAUTH2.googleapis.com:443/token")
+                .unwrap()
+                .as_str(),
+            GOOGLE_TOKEN_URI
+        );
+        for uri in [
+            "http://oauth2.googleapis.com/token",
+            "https://oauth2.googleapis.com/other",
+            "https://oauth2.googleapis.com:8443/token",
+            "https://oauth2.googleapis.com.evil.example/token",
+            "https://oauth2.googleapis.com./token",
+            "https://evil.example/token",
+            "http://169.254.169.254/computeMetadata/v1/",
+            "http://metadata.google.internal/token",
+            "http://127.0.0.1:9/token",
+            "http://[::1]/token",
+        ] {
+            let e = refused(&p, uri);
+            assert!(e.contains(ALLOW_HOSTS_VAR), "{e}");
+        }
+    }
+
+    #[test]
+    fn malformed_or_tricky_token_uris_are_refused_not_panicked_on() {
+        let p = policy("127.0.0.1");
+        for uri in [
+            "",
+            "token",
+            "/token",
+            "oauth2.googleapis.com/token",
+            "http://",
+            "https:///x",
+        ] {
+            refused(&p, uri);
+        }
+        let e = refused(&p, "https://oauth2.googleapis.com@169.254.169.254/token");
+        assert!(e.contains("user name"), "{e}");
+        refused(&p, "https://user:pw@oauth2.googleapis.com/token");
+        let e = refused(&p, "file:///etc/passwd");
+        assert!(e.contains("scheme"), "{e}");
+        // The same address spelled as IPv4-mapped IPv6 is another host for the allow-list.
+        refused(&p, "http://[::ffff:127.0.0.1]:8080/token");
+        refused(&p, "http://[::ffff:a9fe:a9fe]/token");
+        refused(&p, "http://127.0.0.2/token");
+        // WHATWG parsing normalizes IPv4 spellings, so these are 127.0.0.1 itself (allowed) and
+        // the metadata address (refused).
+        assert_eq!(
+            p.check("http://0x7f.0.0.1:8080/token").unwrap().as_str(),
+            "http://127.0.0.1:8080/token"
+        );
+        refused(&p, "http://0xa9fea9fe/token");
+        // Backslashes are path separators in the WHATWG parser; the normalized URL is what
+        // the token request uses, so no other parser gets to read the original spelling.
+        assert_eq!(
+            p.check("http://127.0.0.1:8080\\@evil.example/token")
+                .unwrap()
+                .host_str(),
+            Some("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn allow_list_entries_match_host_and_optional_port_exactly() {
+        let p = policy(" 127.0.0.1 , token.internal.example:8443,[::1]:9000");
+        assert!(p.check("http://127.0.0.1:1234/token").is_ok());
+        assert!(p.check("https://token.internal.example:8443/t").is_ok());
+        assert!(p.check("https://TOKEN.internal.example:8443/t").is_ok());
+        refused(&p, "https://token.internal.example/t");
+        refused(&p, "https://a.token.internal.example:8443/t");
+        assert!(p.check("http://[::1]:9000/t").is_ok());
+        refused(&p, "http://[::1]:9001/t");
+        assert!(p.check(GOOGLE_TOKEN_URI).is_ok());
+        // A port equal to the scheme's default is still a port restriction.
+        let p = policy("h.example:80");
+        assert!(p.check("http://h.example/t").is_ok());
+        refused(&p, "https://h.example/t");
+        for bad in ["::1", "a b", "user@host", "host/path", "http://host"] {
+            assert!(TokenUriPolicy::allowing(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            TokenUriPolicy::allowing(" , ").unwrap(),
+            TokenUriPolicy::google_only()
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The BigQuery v2 REST calls tenantsync makes, for one tenant's dataset.
 
-use crate::auth::{Credentials, TokenSource};
+use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -13,6 +13,9 @@ use tenantsync_core::mapping::BqField;
 pub struct Endpoint {
     pub base_url: String,
     pub emulator: bool,
+    /// Token endpoints service-account keys may name. Emulator mode does not widen it: a key
+    /// is a customer's file wherever the API is.
+    pub token_uri_policy: TokenUriPolicy,
 }
 
 impl Endpoint {
@@ -20,6 +23,7 @@ impl Endpoint {
         Self {
             base_url: "https://bigquery.googleapis.com/bigquery/v2".into(),
             emulator: false,
+            token_uri_policy: TokenUriPolicy::google_only(),
         }
     }
 
@@ -33,6 +37,7 @@ impl Endpoint {
         Self {
             base_url: format!("{base}/bigquery/v2"),
             emulator: true,
+            token_uri_policy: TokenUriPolicy::google_only(),
         }
     }
 
@@ -41,6 +46,12 @@ impl Endpoint {
             Some(h) if !h.is_empty() => Self::emulator(h),
             _ => Self::google(),
         }
+    }
+
+    /// The same endpoint with another token endpoint policy.
+    pub fn with_token_uri_policy(mut self, policy: TokenUriPolicy) -> Self {
+        self.token_uri_policy = policy;
+        self
     }
 }
 
@@ -103,7 +114,7 @@ impl BigQuery {
             base: endpoint.base_url.clone(),
             project: project.to_string(),
             dataset: dataset.to_string(),
-            tokens: TokenSource::new(creds).await?,
+            tokens: TokenSource::new(creds, &endpoint.token_uri_policy).await?,
         })
     }
 

@@ -5,7 +5,7 @@ pub mod client;
 pub mod error;
 pub mod schema;
 
-pub use auth::{Credentials, ServiceAccount};
+pub use auth::{Credentials, ServiceAccount, TokenUriPolicy};
 pub use client::{BigQuery, Endpoint, InsertOutcome, RowError};
 pub use error::{BqError, Retry};
 

@@ -12,6 +12,8 @@ pub enum IdentError {
         value: String,
         max: usize,
     },
+    #[error("tenant slug {value:?} is not valid: use 1 to 63 lower-case letters, digits, '_' or '-', starting with a letter or digit")]
+    Slug { value: String },
 }
 
 fn check(what: &'static str, value: &str, max: usize, extra: &[char]) -> Result<(), IdentError> {
@@ -36,6 +38,26 @@ fn check(what: &'static str, value: &str, max: usize, extra: &[char]) -> Result<
 /// the same name becomes a BigQuery column or table name, which only allows `[A-Za-z0-9_]`.
 pub fn sql_ident(what: &'static str, value: &str) -> Result<(), IdentError> {
     check(what, value, 63, &[])
+}
+
+/// A tenant slug, as the control plane's check constraint allows it (`[a-z0-9][a-z0-9_-]{0,62}`).
+/// Checked before onboarding calls BigQuery, so a refused slug leaves nothing behind.
+pub fn tenant_slug(value: &str) -> Result<(), IdentError> {
+    let ok = (1..=63).contains(&value.len())
+        && value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentError::Slug {
+            value: value.to_string(),
+        })
+    }
 }
 
 /// A BigQuery dataset id.
@@ -67,5 +89,19 @@ mod tests {
         assert!(dataset_id("org_1_data").is_ok());
         assert!(project_id("my-project-123").is_ok());
         assert_eq!(quote_pg("a\"b"), "\"a\"\"b\"");
+        assert!(tenant_slug("ngo-42_a").is_ok());
+        assert!(tenant_slug("0ngo").is_ok());
+        for bad in [
+            "",
+            "-ngo",
+            "_ngo",
+            "Ngo",
+            "ngo a",
+            "ngo/a",
+            "ngö",
+            &"a".repeat(64),
+        ] {
+            assert!(tenant_slug(bad).is_err(), "{bad:?}");
+        }
     }
 }

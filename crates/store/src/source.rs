@@ -602,6 +602,19 @@ impl SourceReader {
         &self.pool
     }
 
+    /// The text Postgres prints for `value` cast to `column`'s type, or
+    /// [`StoreError::Invalid`] when the type refuses the value (domain checks included). For
+    /// organization ids of types `tenantsync_core::org_id` does not model.
+    pub async fn canonical_text(&self, value: &str, column: &PgColumn) -> Result<String> {
+        // sql_type comes from format_type() in the catalog, which quotes what needs quoting.
+        let text: Option<String> =
+            sqlx::query_scalar(&format!("SELECT ($1::text::{})::text", column.sql_type))
+                .bind(value)
+                .fetch_one(&self.pool)
+                .await?;
+        text.ok_or_else(|| StoreError::Invalid(format!("{value:?} reads as NULL")))
+    }
+
     /// Columns of `schema.table` from the catalog, in table order.
     pub async fn columns(&self, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
         Ok(self.catalog(schema, table).await?.0)

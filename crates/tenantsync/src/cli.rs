@@ -228,7 +228,8 @@ pub struct TenantRemove {
 #[derive(Debug, Args)]
 pub struct RotateCredentials {
     pub slug: String,
-    /// The new service-account key JSON.
+    /// The new service-account key JSON; its token_uri is held to the same rule as for
+    /// `tenant add` (Google's token endpoint, or a host in TENANTSYNC_TOKEN_URI_ALLOW_HOSTS).
     #[arg(long)]
     pub credentials_file: PathBuf,
 }
@@ -248,7 +249,8 @@ pub struct TenantLimits {
 pub struct TenantAdd {
     /// Short unique name (lowercase letters, digits, `-`, `_`).
     pub slug: String,
-    /// Value of the tenant column (e.g. `organization_id`) in the source tables.
+    /// Value of the tenant column (e.g. `organization_id`) in the source tables, as Postgres
+    /// prints it (`42`, not `042`); one tenant per organization.
     #[arg(long)]
     pub organization_id: String,
     /// BigQuery project of the tenant.
@@ -258,6 +260,10 @@ pub struct TenantAdd {
     #[arg(long)]
     pub dataset: String,
     /// Service-account key JSON. Required unless BIGQUERY_EMULATOR_HOST is set.
+    ///
+    /// Its token_uri must be Google's token endpoint (https://oauth2.googleapis.com/token)
+    /// unless TENANTSYNC_TOKEN_URI_ALLOW_HOSTS (comma-separated `host` or `host:port`) allows
+    /// other hosts.
     #[arg(long)]
     pub credentials_file: Option<PathBuf>,
 }

@@ -5,7 +5,8 @@ use anyhow::{anyhow, Context, Result};
 use secrecy::SecretString;
 use std::str::FromStr;
 use std::time::Duration;
-use tenantsync_bigquery::Endpoint;
+use tenantsync_bigquery::auth::ALLOW_HOSTS_VAR;
+use tenantsync_bigquery::{Endpoint, TokenUriPolicy};
 use tenantsync_core::crypto::MasterKey;
 
 fn var(name: &str) -> Option<String> {
@@ -71,8 +72,18 @@ pub fn redis_prefix() -> String {
     var("TENANTSYNC_REDIS_PREFIX").unwrap_or_else(|| "tenantsync".into())
 }
 
-pub fn endpoint() -> Endpoint {
-    Endpoint::from_env_value(var("BIGQUERY_EMULATOR_HOST").as_deref())
+/// The BigQuery API (Google's, or the emulator's with `BIGQUERY_EMULATOR_HOST`) and which token
+/// endpoints keys may name (`TENANTSYNC_TOKEN_URI_ALLOW_HOSTS`; Google's only when unset).
+pub fn endpoint() -> Result<Endpoint> {
+    let policy = match var(ALLOW_HOSTS_VAR) {
+        None => TokenUriPolicy::google_only(),
+        Some(list) => TokenUriPolicy::allowing(&list)
+            .map_err(|e| anyhow!("{ALLOW_HOSTS_VAR} is not valid: {e}"))?,
+    };
+    Ok(
+        Endpoint::from_env_value(var("BIGQUERY_EMULATOR_HOST").as_deref())
+            .with_token_uri_policy(policy),
+    )
 }
 
 pub fn master_key() -> Result<MasterKey> {
@@ -83,6 +94,14 @@ pub fn master_key() -> Result<MasterKey> {
     .into();
     let current = MasterKey::from_base64(&raw).context("TENANTSYNC_MASTER_KEY is not usable")?;
     Ok(current.with_previous(previous_master_keys()?))
+}
+
+/// The master key when `TENANTSYNC_MASTER_KEY` is set (it must then be usable), else None.
+pub fn master_key_if_set() -> Result<Option<MasterKey>> {
+    match var("TENANTSYNC_MASTER_KEY") {
+        None => Ok(None),
+        Some(_) => master_key().map(Some),
+    }
 }
 
 /// Previous master keys (`TENANTSYNC_MASTER_KEYS_OLD`, comma-separated base64): during a
@@ -112,7 +131,7 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         let host = var("HOSTNAME").unwrap_or_else(|| "worker".into());
         format!("{host}-{}", std::process::id())
     });
-    let mut c = tenantsync_worker::WorkerConfig::new(id, endpoint());
+    let mut c = tenantsync_worker::WorkerConfig::new(id, endpoint()?);
     c.concurrency = parsed("TENANTSYNC_CONCURRENCY", c.concurrency)?;
     c.cursor_skew = millis(
         "TENANTSYNC_CURSOR_SKEW_MS",

@@ -7,9 +7,12 @@ use tenantsync_bigquery::auth::parse_service_account;
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::crypto::MasterKey;
 use tenantsync_core::ident;
+use tenantsync_core::mapping::PgColumn;
+use tenantsync_core::org_id::{self, OrgIdCheck, OrgIdError};
 use tenantsync_core::{Capture, Mode, TableSpec, Tenant};
 use tenantsync_store::control::{NewCredentials, NewTableSpec, NewTenant};
-use tenantsync_store::{changelog, ControlPlane, SlicePlan, SourceReader};
+use tenantsync_store::{changelog, ControlPlane, SlicePlan, SourceReader, StoreError};
+use tracing::warn;
 
 #[derive(Debug)]
 pub struct TenantRequest {
@@ -28,20 +31,29 @@ fn invalid(e: impl std::fmt::Display) -> WorkerError {
 /// Validate the request and the key (the key must be able to reach the dataset, creating it
 /// when missing), then store the tenant with its key sealed under the master key. The tenant's
 /// tasks are due at once, so a running worker starts the backfill by itself.
+///
+/// Everything that can be checked locally is checked before BigQuery is called: slug, project
+/// and dataset names, clashes with existing tenants, the organization id against every
+/// registered table's tenant column, the key and its `token_uri`. A refused request leaves no
+/// dataset behind.
 pub async fn add_tenant(
     control: &ControlPlane,
+    source: &SourceReader,
     master_key: &MasterKey,
     endpoint: &Endpoint,
     req: TenantRequest,
 ) -> Result<Tenant, WorkerError> {
+    ident::tenant_slug(&req.slug).map_err(invalid)?;
     ident::project_id(&req.project).map_err(invalid)?;
     ident::dataset_id(&req.dataset).map_err(invalid)?;
-    if req.organization_id.trim().is_empty() {
+    let organization_id = req.organization_id.trim();
+    if organization_id.is_empty() {
         return Err(invalid("organization id must not be empty"));
     }
     let (creds, email) = match &req.credentials {
         Some(json) => {
             let sa = parse_service_account(json)?;
+            endpoint.token_uri_policy.check(&sa.token_uri)?;
             (Credentials::ServiceAccount(json.clone()), Some(sa.client_email))
         }
         None if endpoint.emulator => (Credentials::Emulator, None),
@@ -51,6 +63,30 @@ pub async fn add_tenant(
             ))
         }
     };
+    check_no_clash(control, &req, organization_id).await?;
+    for spec in control.tables().await? {
+        let columns = match source
+            .columns(&spec.source_schema, &spec.source_table)
+            .await
+        {
+            Ok(c) => c,
+            // A registered table dropped from the source fails its own slices; it says nothing
+            // about this organization id, and must not block onboarding.
+            Err(StoreError::NotFound(_)) => {
+                warn!(table = %format!("{}.{}", spec.source_schema, spec.source_table),
+                      "registered table is missing from the source; organization id not checked against it");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(why) = org_id_fits(source, &spec, &columns, organization_id).await? {
+            return Err(invalid(format!(
+                "organization id {organization_id:?} does not fit {}: {why}",
+                describe_tenant_column(&spec, &columns)
+            )));
+        }
+    }
+
     let client = BigQuery::new(
         endpoint,
         &req.project,
@@ -63,7 +99,7 @@ pub async fn add_tenant(
 
     let new = NewTenant {
         slug: req.slug.clone(),
-        organization_id: req.organization_id.trim().to_string(),
+        organization_id: organization_id.to_string(),
         bq_project: req.project.clone(),
         bq_dataset: req.dataset.clone(),
     };
@@ -82,6 +118,73 @@ pub async fn add_tenant(
         None => control.add_tenant(&new, None).await?,
     };
     Ok(tenant)
+}
+
+/// Refuse a tenant whose slug, organization or dataset another tenant has, naming that tenant.
+/// A second tenant of one organization would receive the same rows in its own dataset.
+async fn check_no_clash(
+    control: &ControlPlane,
+    req: &TenantRequest,
+    organization_id: &str,
+) -> Result<(), WorkerError> {
+    let clashes = control
+        .tenant_conflicts(&req.slug, organization_id, &req.project, &req.dataset)
+        .await?;
+    let conflict = |m: String| Err(WorkerError::Store(StoreError::Conflict(m)));
+    if clashes.iter().any(|t| t.slug == req.slug) {
+        return conflict(format!("a tenant {:?} exists already", req.slug));
+    }
+    if let Some(t) = clashes
+        .iter()
+        .find(|t| t.organization_id == organization_id)
+    {
+        return conflict(format!(
+            "organization {organization_id} is already onboarded as tenant {}",
+            t.slug
+        ));
+    }
+    if let Some(t) = clashes.first() {
+        return conflict(format!(
+            "dataset {}.{} belongs to tenant {} already",
+            req.project, req.dataset, t.slug
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `organization_id` is the canonical text of a value of `spec`'s tenant column (see
+/// `tenantsync_core::org_id` for why the canonical text): `Ok(Err(why))` when it is not.
+async fn org_id_fits(
+    source: &SourceReader,
+    spec: &TableSpec,
+    columns: &[PgColumn],
+    organization_id: &str,
+) -> Result<Result<(), String>, WorkerError> {
+    let Some(column) = columns.iter().find(|c| c.name == spec.tenant_column) else {
+        // A missing tenant column is reported by the slice plan, with the other columns.
+        return Ok(Ok(()));
+    };
+    match org_id::check(column, organization_id) {
+        Ok(OrgIdCheck::Fits) => Ok(Ok(())),
+        Err(e) => Ok(Err(e.to_string())),
+        Ok(OrgIdCheck::AskDatabase) => match source.canonical_text(organization_id, column).await {
+            Ok(t) if t == organization_id => Ok(Ok(())),
+            Ok(t) => Ok(Err(OrgIdError::NotCanonical { canonical: t }.to_string())),
+            Err(StoreError::Invalid(m)) => Ok(Err(m)),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+fn describe_tenant_column(spec: &TableSpec, columns: &[PgColumn]) -> String {
+    let ty = columns
+        .iter()
+        .find(|c| c.name == spec.tenant_column)
+        .map_or("?", |c| c.formatted.as_str());
+    format!(
+        "tenant column {} of {}.{} ({ty})",
+        spec.tenant_column, spec.source_schema, spec.source_table
+    )
 }
 
 /// Validate a new key for an existing tenant exactly like onboarding does (parse it, fetch a
@@ -181,6 +284,18 @@ pub async fn add_table(
         capture: spec.capture,
     };
     SlicePlan::build(&probe, &columns)?;
+    // Every tenant onboarded so far must be readable through this table's tenant column: an
+    // id its type refuses fails every slice, a non-canonical one never syncs.
+    for t in control.tenants().await? {
+        if let Err(why) = org_id_fits(source, &probe, &columns, &t.organization_id).await? {
+            return Err(invalid(format!(
+                "{} does not fit tenant {}'s organization id {:?}: {why}",
+                describe_tenant_column(&probe, &columns),
+                t.slug,
+                t.organization_id
+            )));
+        }
+    }
     Ok(control.add_table(&spec).await?)
 }
 

@@ -127,7 +127,7 @@ impl ControlPlane {
         creds: Option<NewCredentials<'_>>,
     ) -> Result<Tenant> {
         let mut tx = self.pool.begin().await?;
-        let id: i64 = sqlx::query_scalar(
+        let id: std::result::Result<i64, _> = sqlx::query_scalar(
             "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset)
              VALUES ($1, $2, $3, $4) RETURNING id",
         )
@@ -136,14 +136,46 @@ impl ControlPlane {
         .bind(&t.bq_project)
         .bind(&t.bq_dataset)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(_) => StoreError::Conflict(format!(
-                "a tenant with slug {:?} or dataset {}.{} exists already",
-                t.slug, t.bq_project, t.bq_dataset
-            )),
-            other => other,
-        })?;
+        .await;
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                // Onboarding looks for these conflicts before it calls BigQuery; the
+                // constraints are what decides when two onboardings race.
+                let constraint = match &e {
+                    sqlx::Error::Database(db) => db.constraint().map(str::to_string),
+                    _ => None,
+                };
+                drop(tx);
+                return Err(match (StoreError::from(e), constraint.as_deref()) {
+                    (StoreError::Conflict(_), Some("tenants_organization_id_key")) => {
+                        let owner = self
+                            .tenant_conflicts(&t.slug, &t.organization_id, "", "")
+                            .await?
+                            .into_iter()
+                            .find(|c| c.organization_id == t.organization_id);
+                        StoreError::Conflict(match owner {
+                            Some(o) => format!(
+                                "organization {} is already onboarded as tenant {}",
+                                t.organization_id, o.slug
+                            ),
+                            None => format!(
+                                "organization {} is already onboarded as another tenant",
+                                t.organization_id
+                            ),
+                        })
+                    }
+                    (StoreError::Conflict(_), Some("tenants_slug_key")) => {
+                        StoreError::Conflict(format!("a tenant {:?} exists already", t.slug))
+                    }
+                    (StoreError::Conflict(_), _) => StoreError::Conflict(format!(
+                        "a tenant with slug {:?} or dataset {}.{} exists already",
+                        t.slug, t.bq_project, t.bq_dataset
+                    )),
+                    (other, _) => other,
+                });
+            }
+        };
         if let Some(NewCredentials {
             seal,
             client_email: email,
@@ -171,6 +203,30 @@ impl ControlPlane {
         .await?;
         tx.commit().await?;
         self.tenant(&t.slug).await
+    }
+
+    /// Existing tenants that a new one would clash with: the same slug, the same organization
+    /// id, or the same dataset.
+    pub async fn tenant_conflicts(
+        &self,
+        slug: &str,
+        organization_id: &str,
+        bq_project: &str,
+        bq_dataset: &str,
+    ) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants t
+             WHERE t.slug = $1 OR t.organization_id = $2
+                OR (t.bq_project = $3 AND t.bq_dataset = $4)
+             ORDER BY t.slug"
+        ))
+        .bind(slug)
+        .bind(organization_id)
+        .bind(bq_project)
+        .bind(bq_dataset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(tenant_from_row).collect()
     }
 
     pub async fn tenant(&self, slug: &str) -> Result<Tenant> {

@@ -13,7 +13,7 @@ use tenantsync_admin::{cli_actor, Admin, DataChoice};
 
 /// The admin operations on the control plane only (no source, Redis or key needed).
 async fn admin() -> Result<Admin> {
-    Ok(Admin::new(control().await?, config::endpoint()))
+    Ok(Admin::new(control().await?, config::endpoint()?))
 }
 
 /// With the master key (credential operations).
@@ -30,9 +30,9 @@ async fn admin_full() -> Result<Admin> {
     if config::redis_url().is_ok() {
         a.leases = Some(leases().await?);
     }
-    if let Ok(k) = config::master_key() {
-        a.master_key = Some(Arc::new(k));
-    }
+    // Optional here (status and show do not need it), but a key that is set must be usable:
+    // ignoring a malformed one would only defer the error to the first operation needing it.
+    a.master_key = config::master_key_if_set()?.map(Arc::new);
     Ok(a)
 }
 
@@ -45,7 +45,7 @@ fn hms(secs: f64) -> String {
     }
 }
 
-fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
+pub(crate) fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
     print_list(
         &ListArgs { json },
         rows,
@@ -98,10 +98,9 @@ fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
     )
 }
 
-pub(crate) async fn status(args: StatusArgs) -> Result<()> {
-    let a = admin_full().await?;
-    let rows = a.status(args.tenant.as_deref()).await?;
-    print_tasks(args.json, &rows)
+/// Per tenant and table: state, watermark, lag, progress and ETA, last error.
+pub(crate) async fn status_rows(args: &StatusArgs) -> Result<Vec<TaskStatus>> {
+    Ok(admin_full().await?.status(args.tenant.as_deref()).await?)
 }
 
 pub(crate) async fn show(slug: &str, json: bool) -> Result<()> {
@@ -325,7 +324,12 @@ pub(crate) async fn audit(args: AuditArgs) -> Result<()> {
 
 /// Serve the admin API until SIGINT/SIGTERM.
 pub(crate) async fn serve_api() -> Result<ExitCode> {
-    let a = Arc::new(admin_full().await?);
+    // Required, as for the other long-running roles: the API rotates credentials and master
+    // keys, and a server that starts without a usable key fails only at the first such call.
+    let key = Arc::new(config::master_key()?);
+    let mut a = admin_full().await?;
+    a.master_key = Some(key);
+    let a = Arc::new(a);
     let shutdown = super::shutdown_on_signal();
     let (_, handle) = tenantsync_admin::api::serve(a, config::admin_addr()?, shutdown)
         .await

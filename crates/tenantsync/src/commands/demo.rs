@@ -46,7 +46,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         .await?;
         println!("registered table {table}");
     }
-    let endpoint = config::endpoint();
+    let endpoint = config::endpoint()?;
     let project = std::env::var("BIGQUERY_PROJECT").unwrap_or_else(|_| "tenantsync-local".into());
     let existing = control.tenants().await?;
     let master_key = config::master_key()?;
@@ -57,6 +57,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         }
         onboard::add_tenant(
             &control,
+            &source,
             &master_key,
             &endpoint,
             TenantRequest {

@@ -40,8 +40,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             let t = onboard::add_tenant(
                 &control,
+                &source().await?,
                 &config::master_key()?,
-                &config::endpoint(),
+                &config::endpoint()?,
                 TenantRequest {
                     slug: a.slug,
                     organization_id: a.organization_id,
@@ -77,7 +78,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     )
                 })?,
             );
-            let mut admin = tenantsync_admin::Admin::new(control().await?, config::endpoint());
+            let mut admin = tenantsync_admin::Admin::new(control().await?, config::endpoint()?);
             admin.master_key = Some(Arc::new(config::master_key()?));
             let t = admin
                 .rotate_credentials(&cli_actor(), &a.slug, json)
@@ -215,9 +216,28 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Coordinator => return serve(true, false).await,
         Command::Worker => return serve(false, true).await,
         Command::Status(s) => {
-            let json = s.json;
-            admin::status(s).await?;
-            pool_status(&ListArgs { json }).await?;
+            let tasks = admin::status_rows(&s).await?;
+            let pool = pool_status().await?;
+            if s.json {
+                // One document, so `status --json | jq` and JSON parsers read all of it.
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"tasks": tasks, "pool": pool})
+                    )?
+                );
+            } else {
+                admin::print_tasks(false, &tasks)?;
+                if let Some(p) = pool {
+                    println!(
+                        "\nworkers live: {} {:?}\nleader: {}\nqueue depth per shard: {:?}",
+                        p.workers.len(),
+                        p.workers,
+                        p.leader.as_deref().unwrap_or("none"),
+                        p.queue_depth
+                    );
+                }
+            }
         }
         Command::Tenant(TenantCmd::Show { slug, json }) => admin::show(&slug, json).await?,
         Command::Tenant(TenantCmd::Pause { slug, reason }) => {
@@ -399,30 +419,25 @@ pub(crate) async fn serve(coordinator: bool, pool_worker: bool) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Live workers, leader and queue depth, when Redis is configured.
-async fn pool_status(l: &ListArgs) -> Result<()> {
+/// Live workers, leader and queue depth per shard.
+#[derive(serde::Serialize)]
+struct PoolStatus {
+    workers: Vec<String>,
+    leader: Option<String>,
+    queue_depth: Vec<u64>,
+}
+
+/// The worker pool as Redis sees it, when Redis is configured.
+async fn pool_status() -> Result<Option<PoolStatus>> {
     let Ok(url) = config::redis_url() else {
-        return Ok(());
+        return Ok(None);
     };
     let leases = Leases::connect(&url, &config::redis_prefix()).await?;
-    let workers = leases.live_workers().await?;
-    let leader = leases.leader().await?;
-    let depths = leases.queue_depths(config::shards()?).await?;
-    if l.json {
-        println!(
-            "{}",
-            serde_json::json!({"workers": workers, "leader": leader, "queue_depth": depths})
-        );
-    } else {
-        println!(
-            "\nworkers live: {} {:?}\nleader: {}\nqueue depth per shard: {:?}",
-            workers.len(),
-            workers,
-            leader.as_deref().unwrap_or("none"),
-            depths
-        );
-    }
-    Ok(())
+    Ok(Some(PoolStatus {
+        workers: leases.live_workers().await?,
+        leader: leases.leader().await?,
+        queue_depth: leases.queue_depths(config::shards()?).await?,
+    }))
 }
 
 pub(crate) async fn status(control: &ControlPlane, l: &ListArgs) -> Result<()> {
