@@ -11,6 +11,7 @@ use tenantsync_bigquery::schema::{
 use tenantsync_bigquery::{BigQuery, BqError, Credentials, Retry};
 use tenantsync_core::chunk;
 use tenantsync_core::insert_id::insert_id;
+use tenantsync_core::names::{self, TableNames};
 use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
@@ -179,6 +180,16 @@ impl Worker {
                 return Ok(p.plan.clone());
             }
         }
+        // Tables registered before names were checked may share a BigQuery object; the later
+        // one stops with the refusal `tables add` gives now, the earlier one keeps its data.
+        let tables = self.deps.control.tables().await?;
+        let earlier: Vec<TableNames<'_>> = tables
+            .iter()
+            .filter(|t| t.id < spec.id)
+            .map(TableNames::of)
+            .collect();
+        names::check_new_table(&TableNames::of(spec), &earlier)
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
         let (columns, fingerprint) = self
             .deps
             .source
