@@ -229,6 +229,167 @@ async fn a_column_added_later_under_a_reserved_name_stops_only_its_table() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changelogs_of_tables_with_a_long_common_prefix_stay_apart() {
+    let env = TestEnv::new().await.unwrap();
+    // 60 bytes of common prefix: `public__<prefix>_one` is past Postgres' 63 bytes.
+    let prefix = format!("flow_results_{}", "x".repeat(47));
+    assert_eq!(prefix.len(), 60);
+    let one = format!("{prefix}one");
+    let two = format!("{prefix}two");
+    let ddl = [
+        create(&one, ", v text"),
+        create(&two, ", v text"),
+        format!("INSERT INTO {one} SELECT g, 1 + g % 2, now() - interval '1 minute', 'one' FROM generate_series(1, 6) g;"),
+        format!("INSERT INTO {two} SELECT g, 1 + g % 2, now() - interval '1 minute', 'two' FROM generate_series(1, 4) g;"),
+    ]
+    .join("\n");
+    sqlx::raw_sql(&ddl)
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    for table in [&one, &two] {
+        let seeded = changelog::install(
+            env.source_pool(),
+            &Changelog {
+                schema: "public".into(),
+                table: table.clone(),
+                key_columns: vec!["id".into()],
+                tenant_column: "organization_id".into(),
+                changed_only: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(seeded > 0, "each install files its own table's rows");
+    }
+    // Writes after the install go to each table's own change table.
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {one} VALUES (7, 1, now(), 'one'); UPDATE {one} SET v = 'one', updated_at = now() WHERE id = 1;
+         INSERT INTO {two} VALUES (5, 2, now(), 'two'); DELETE FROM {two} WHERE id = 2;"
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    for (table, v, changes) in [(&one, "one", 6 + 1 + 1), (&two, "two", 4 + 1 + 1)] {
+        let ct = changelog::change_table("public", table);
+        let (all, own): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE row->>'v' = $1) FROM {ct}"
+        ))
+        .bind(v)
+        .fetch_one(env.source_pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (all, own),
+            (changes, changes),
+            "change table {ct} of {table}"
+        );
+    }
+    let objects: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relnamespace = to_regnamespace('tenantsync_changes') AND relkind = 'r'
+         UNION ALL SELECT proname::text FROM pg_proc WHERE pronamespace = to_regnamespace('tenantsync_changes')",
+    )
+    .fetch_all(env.source_pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        objects.len(),
+        4,
+        "two change tables, two functions: {objects:?}"
+    );
+
+    // And end to end: each table's BigQuery table holds its own rows only.
+    add(&env, "public", &one, Mode::Latest, Capture::Changelog)
+        .await
+        .unwrap();
+    add(&env, "public", &two, Mode::Latest, Capture::Changelog)
+        .await
+        .unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    let worker = env.worker_with(env.worker_config(), Arc::new(NoHooks));
+    env.sync_once(&worker).await.unwrap();
+    let bq = env.bq(&t).await.unwrap();
+    for (table, v, keys) in [(&one, "one", 4), (&two, "two", 1)] {
+        let (all, own) = (
+            scalar_i64(
+                &bq.query(&format!(
+                    "SELECT COUNT(*) FROM {}",
+                    bq.qualified(&format!("{table}_latest"))
+                ))
+                .await
+                .unwrap(),
+            ),
+            scalar_i64(
+                &bq.query(&format!(
+                    "SELECT COUNT(*) FROM {} WHERE v = '{v}'",
+                    bq.qualified(&format!("{table}_latest"))
+                ))
+                .await
+                .unwrap(),
+            ),
+        );
+        assert_eq!((all, own), (keys, keys), "{table}_latest of org 1");
+    }
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_table_name_two_sources_would_share_is_refused() {
+    let env = TestEnv::new().await.unwrap();
+    // `a.b__c` and `a__b.c` both spell `a__b__c` as `<schema>__<table>`.
+    let ddl = [
+        "CREATE SCHEMA a; CREATE SCHEMA a__b;".to_string(),
+        create("a.b__c", ""),
+        create("a__b.c", ""),
+    ]
+    .join("\n");
+    sqlx::raw_sql(&ddl)
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    let install = |schema: &str, table: &str| Changelog {
+        schema: schema.into(),
+        table: table.into(),
+        key_columns: vec!["id".into()],
+        tenant_column: "organization_id".into(),
+        changed_only: false,
+    };
+    changelog::install(env.source_pool(), &install("a", "b__c"))
+        .await
+        .unwrap();
+    let e = changelog::install(env.source_pool(), &install("a__b", "c"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a__b.c") && e.contains("a.b__c"),
+        "the refusal names both tables: {e}"
+    );
+    // The first install still works, and `a__b.c` reads as not installed.
+    sqlx::query("INSERT INTO a.b__c VALUES (1, 1, now())")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO a__b.c VALUES (1, 1, now())")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}",
+        changelog::change_table("a", "b__c")
+    ))
+    .fetch_one(env.source_pool())
+    .await
+    .unwrap();
+    assert_eq!(n, 1, "only a.b__c's row");
+    assert!(changelog::installed(env.source_pool(), "a__b", "c")
+        .await
+        .map(|c| c.is_none())
+        .unwrap_or(true));
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn of_two_tables_registered_before_the_check_the_later_one_stops() {
     let env = TestEnv::new().await.unwrap();
     let ddl = [
