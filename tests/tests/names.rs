@@ -247,6 +247,20 @@ async fn changelogs_of_tables_with_a_long_common_prefix_stay_apart() {
         .execute(env.source_pool())
         .await
         .unwrap();
+    // What an older install left on `one`: a trigger function named as Postgres truncated it.
+    // Installing again moves the trigger to the new name and drops the old function.
+    let legacy = tenantsync_core::names::legacy_capture_function("public", &one);
+    assert_eq!(legacy.len(), 63);
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA tenantsync_changes;
+         CREATE FUNCTION tenantsync_changes.\"{legacy}\"() RETURNS trigger LANGUAGE plpgsql
+           AS $$ BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER tenantsync_capture AFTER INSERT ON {one}
+           FOR EACH ROW EXECUTE FUNCTION tenantsync_changes.\"{legacy}\"();"
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
     for table in [&one, &two] {
         let seeded = changelog::install(
             env.source_pool(),
@@ -386,6 +400,26 @@ async fn a_change_table_name_two_sources_would_share_is_refused() {
         .await
         .map(|c| c.is_none())
         .unwrap_or(true));
+    // Uninstalling the table that never got the name leaves the other's change table alone.
+    assert!(!changelog::uninstall(env.source_pool(), "a__b", "c")
+        .await
+        .unwrap());
+    assert!(changelog::installed(env.source_pool(), "a", "b__c")
+        .await
+        .unwrap()
+        .is_some());
+    sqlx::query("INSERT INTO a.b__c VALUES (2, 1, now())")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}",
+        changelog::change_table("a", "b__c")
+    ))
+    .fetch_one(env.source_pool())
+    .await
+    .unwrap();
+    assert_eq!(n, 2, "a.b__c is still captured");
     env.cleanup().await.unwrap();
 }
 
