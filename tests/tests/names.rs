@@ -108,6 +108,14 @@ async fn tables_add_refuses_colliding_tables_views_and_columns() {
         add_latest(&env, "a", "b").await,
         &["a.b", "a__b", "public.a__b"],
     );
+    // The CLI says the same and exits non-zero.
+    let (ok, out) = env.cli(&["tables", "add", "b", "--schema", "a"]);
+    assert!(
+        !ok && out.contains(
+            "table a.b maps to BigQuery table a__b, which public.a__b (registered) already uses"
+        ),
+        "{out}"
+    );
     // A table named like another's view, in both orders.
     add_latest(&env, "public", "notes").await.unwrap();
     refused(
