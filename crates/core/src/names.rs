@@ -310,6 +310,15 @@ pub enum NameError {
     ColumnTooLong { table: String, column: String },
 }
 
+impl NameError {
+    /// A collision of two BigQuery names that differ in case: real in a case-insensitive
+    /// dataset, harmless in a default (case-sensitive) one. Registration refuses it either
+    /// way; tables registered before the check keep syncing.
+    pub fn is_case_only(&self) -> bool {
+        matches!(self, Self::Collision { note, .. } if !note.is_empty())
+    }
+}
+
 fn case_note(ns: Namespace, a: &str, b: &str) -> &'static str {
     if ns == Namespace::Dataset && a != b {
         " (BigQuery table names are compared case-insensitively)"
@@ -491,11 +500,16 @@ mod tests {
 
     #[test]
     fn case_only_differences_meet_in_bigquery() {
-        let e = refusal(t("public", "Notes"), &[t("public", "notes")]);
+        let e = check_new_table(&t("public", "Notes"), &[t("public", "notes")]).unwrap_err();
+        assert!(e.is_case_only());
+        let e = e.to_string();
         assert!(
             e.contains("public.Notes") && e.contains("public.notes (registered)"),
             "{e}"
         );
+        assert!(!check_new_table(&t("a", "b"), &[t("public", "a__b")])
+            .unwrap_err()
+            .is_case_only());
         // Re-registering the same table is the store's conflict, not a name clash.
         assert!(check_new_table(&t("public", "notes"), &[t("public", "notes")]).is_ok());
         assert!(matches!(
