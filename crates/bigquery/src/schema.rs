@@ -14,7 +14,8 @@ pub fn table_fields(source: &[BqField]) -> Vec<BqField> {
 
 /// The dataset's list of committed batches: a row's `_batch_id` must be listed here for the
 /// views to show it, so a slice that wrote half its chunks and then died stays invisible.
-pub const BATCHES_TABLE: &str = "_sync_batches";
+/// The name is reserved in `tenantsync_core::names`, so no source table can take it.
+pub const BATCHES_TABLE: &str = tenantsync_core::names::BATCHES_TABLE;
 
 pub fn batches_fields() -> Vec<BqField> {
     let f = |name: &str, t, mode| BqField {

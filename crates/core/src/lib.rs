@@ -6,6 +6,7 @@ pub mod ident;
 pub mod insert_id;
 pub mod mapping;
 pub mod model;
+pub mod names;
 pub mod org_id;
 pub mod wire;
 

@@ -158,13 +158,8 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
-    /// Name of the table in the tenant's dataset. Non-default schemas are prefixed so that
-    /// `a.users` and `b.users` cannot collide.
+    /// Name of the table in the tenant's dataset (see [`crate::names::bq_table`]).
     pub fn bq_table(&self) -> String {
-        if self.source_schema == "public" {
-            self.source_table.clone()
-        } else {
-            format!("{}__{}", self.source_schema, self.source_table)
-        }
+        crate::names::bq_table(&self.source_schema, &self.source_table)
     }
 }

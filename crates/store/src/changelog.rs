@@ -4,14 +4,19 @@
 //!
 //! Everything lives in the source database's `tenantsync_changes` schema:
 //! `tenantsync_changes."<schema>__<table>"` (the changes) and a trigger function of the same
-//! name with `_capture` appended. The SQL is generated per table with the key and tenant
-//! columns spelled out, so the trigger does no dynamic SQL on the write path.
+//! name with `_capture` appended; names past Postgres' 63 bytes are shortened and made unique
+//! by a hash (`tenantsync_core::names`), since Postgres would cut them to one name for two
+//! tables. Each change table records the source table it serves, so a name two tables would
+//! share (`a.b__c` and `a__b.c`) is refused instead of mixing their changes. The SQL is
+//! generated per table with the key and tenant columns spelled out, so the trigger does no
+//! dynamic SQL on the write path.
 
 use crate::error::{Result, StoreError};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use tenantsync_core::ident::{quote_pg, sql_ident};
+use tenantsync_core::names;
 
-pub const SCHEMA: &str = "tenantsync_changes";
+pub const SCHEMA: &str = names::CHANGES_SCHEMA;
 /// The trigger's name on the source table.
 const TRIGGER: &str = "tenantsync_capture";
 
@@ -27,33 +32,114 @@ pub struct Changelog {
     pub changed_only: bool,
 }
 
-/// `tenantsync_changes."<schema>__<table>"`, quoted.
+/// `tenantsync_changes."<schema>__<table>"` (see [`names::change_table`]), quoted.
 pub fn change_table(schema: &str, table: &str) -> String {
     format!(
         "{}.{}",
         quote_pg(SCHEMA),
-        quote_pg(&format!("{schema}__{table}"))
+        quote_pg(&names::change_table(schema, table))
     )
 }
 
 fn function(schema: &str, table: &str) -> String {
-    format!(
-        "{}.{}",
-        quote_pg(SCHEMA),
-        quote_pg(&format!("{schema}__{table}_capture"))
-    )
+    qualified_function(&names::capture_function(schema, table))
+}
+
+fn qualified_function(name: &str) -> String {
+    format!("{}.{}", quote_pg(SCHEMA), quote_pg(name))
 }
 
 /// How the installed changelog is described in the change table's comment, which is where
 /// `installed` reads it back: the source database needs no table of ours besides the change
-/// tables.
+/// tables. `source` names the table the change table serves (installs before it was
+/// recorded have none).
 fn describe(c: &Changelog) -> String {
     serde_json::json!({
+        "source": format!("{}.{}", c.schema, c.table),
         "key": c.key_columns,
         "tenant_column": c.tenant_column,
         "changed_only": c.changed_only,
     })
     .to_string()
+}
+
+/// The source table another install recorded on the change table named for `schema.table`,
+/// if it is not `schema.table`: that table's changes are in it, so this one must not use it.
+/// `None` when the change table is free, ours, or from an install that recorded no source.
+async fn change_table_owner(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    table: &str,
+) -> Result<Option<String>> {
+    let row = sqlx::query(
+        "SELECT c.relkind::text AS kind, obj_description(c.oid, 'pg_class') AS d
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(change_table(schema, table))
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let kind: String = row.try_get("kind")?;
+    if kind != "r" {
+        // An index or sequence of another change table took the name first.
+        return Ok(Some(format!(
+            "another change table (as its {kind} relation)"
+        )));
+    }
+    let d: Option<String> = row.try_get("d")?;
+    let source = d
+        .as_deref()
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .and_then(|v| v["source"].as_str().map(str::to_string));
+    Ok(source.filter(|s| *s != format!("{schema}.{table}")))
+}
+
+/// Tables other than `schema.table` whose trigger calls the function named for it.
+async fn function_users(
+    tx: &mut Transaction<'_, Postgres>,
+    function: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT n.nspname || '.' || c.relname
+         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE t.tgfoid = to_regprocedure($1) AND (n.nspname, c.relname) <> ($2, $3)
+         ORDER BY 1",
+    )
+    .bind(format!("{function}()"))
+    .bind(schema)
+    .bind(table)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Drop the trigger function older installs named by Postgres' truncation, once no trigger
+/// calls it any more (a function two tables shared stays until both moved on).
+async fn drop_legacy_function(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    table: &str,
+) -> Result<()> {
+    let legacy = names::legacy_capture_function(schema, table);
+    if legacy == names::capture_function(schema, table) {
+        return Ok(());
+    }
+    let legacy = qualified_function(&legacy);
+    let unused: bool = sqlx::query_scalar(
+        "SELECT to_regprocedure($1) IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure($1))",
+    )
+    .bind(format!("{legacy}()"))
+    .fetch_one(&mut **tx)
+    .await?;
+    if unused {
+        sqlx::query(&format!("DROP FUNCTION {legacy}()"))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 fn trigger_sql(c: &Changelog) -> String {
@@ -173,6 +259,24 @@ pub async fn install(pool: &PgPool, c: &Changelog) -> Result<u64> {
             ),
             other => other,
         })?;
+    // Under the lock, and before anything is created: a change table or function serving
+    // another source table would mix the two tables' changes (each lands in the other's
+    // datasets).
+    let name = format!("{}.{}", c.schema, c.table);
+    if let Some(owner) = change_table_owner(&mut tx, &c.schema, &c.table).await? {
+        return Err(StoreError::Conflict(format!(
+            "table {name} maps to change table {ct}, which {owner} already uses as its change table; rename one of the tables"
+        )));
+    }
+    let func = function(&c.schema, &c.table);
+    if let Some(other) = function_users(&mut tx, &func, &c.schema, &c.table)
+        .await?
+        .first()
+    {
+        return Err(StoreError::Conflict(format!(
+            "table {name} maps to trigger function {func}, which {other} already uses as its trigger function; rename one of the tables"
+        )));
+    }
     let existed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(&ct)
         .fetch_one(&mut *tx)
@@ -213,6 +317,7 @@ pub async fn install(pool: &PgPool, c: &Changelog) -> Result<u64> {
     ))
     .execute(&mut *tx)
     .await?;
+    drop_legacy_function(&mut tx, &c.schema, &c.table).await?;
     let seeded = if existed {
         0
     } else {
@@ -243,10 +348,14 @@ pub async fn uninstall(pool: &PgPool, schema: &str, table: &str) -> Result<bool>
     let source = format!("{}.{}", quote_pg(schema), quote_pg(table));
     let ct = change_table(schema, table);
     let mut tx = pool.begin().await?;
-    let existed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(&ct)
-        .fetch_one(&mut *tx)
-        .await?;
+    // A change table recorded for another source table is that table's: only our trigger
+    // goes.
+    let owned_by_other = change_table_owner(&mut tx, schema, table).await?.is_some();
+    let existed: bool = !owned_by_other
+        && sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&ct)
+            .fetch_one(&mut *tx)
+            .await?;
     let source_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(&source)
         .fetch_one(&mut *tx)
@@ -256,15 +365,20 @@ pub async fn uninstall(pool: &PgPool, schema: &str, table: &str) -> Result<bool>
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query(&format!(
-        "DROP FUNCTION IF EXISTS {}()",
-        function(schema, table)
-    ))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(&format!("DROP TABLE IF EXISTS {ct}"))
-        .execute(&mut *tx)
-        .await?;
+    drop_legacy_function(&mut tx, schema, table).await?;
+    let func = function(schema, table);
+    if !owned_by_other
+        && function_users(&mut tx, &func, schema, table)
+            .await?
+            .is_empty()
+    {
+        sqlx::query(&format!("DROP FUNCTION IF EXISTS {func}()"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("DROP TABLE IF EXISTS {ct}"))
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(existed)
 }
@@ -297,6 +411,14 @@ pub async fn installed(pool: &PgPool, schema: &str, table: &str) -> Result<Optio
                 "change table {ct} has no tenantsync description; run install-changelog again"
             ))
         })?;
+    // A change table recorded for another source table does not serve this one, even if
+    // this table has a trigger of ours (one left from before the name was taken).
+    if v["source"]
+        .as_str()
+        .is_some_and(|s| s != format!("{schema}.{table}"))
+    {
+        return Ok(None);
+    }
     Ok(Some(Changelog {
         schema: schema.to_string(),
         table: table.to_string(),

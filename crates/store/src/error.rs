@@ -18,6 +18,9 @@ pub enum StoreError {
     Invalid(String),
     #[error(transparent)]
     Mapping(#[from] tenantsync_core::mapping::MappingError),
+    /// Source columns that would meet in BigQuery (a reserved name, or a case-only twin).
+    #[error(transparent)]
+    Names(#[from] tenantsync_core::names::NameError),
     /// A slice plan was built from other columns than the source table has now: build it again.
     #[error("the columns of {0} changed since its slice plan was built")]
     CatalogChanged(String),

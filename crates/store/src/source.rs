@@ -173,6 +173,13 @@ impl SlicePlan {
     /// Build the plan from the spec and the catalog columns. Fails with a message naming the
     /// column when a key, cursor or tenant column is missing or a column type has no mapping.
     pub fn build(spec: &TableSpec, columns: &[PgColumn]) -> Result<Self> {
+        // Here rather than only at registration: a column added to the source later (`_rn`,
+        // `Name` next to `name`) stops this table with the same message instead of vanishing
+        // from its view or failing in BigQuery.
+        tenantsync_core::names::check_columns(
+            &format!("{}.{}", spec.source_schema, spec.source_table),
+            columns.iter().map(|c| c.name.as_str()),
+        )?;
         let find = |role: &str, name: &str| {
             columns.iter().find(|c| c.name == name).ok_or_else(|| {
                 StoreError::Invalid(format!(

@@ -8,6 +8,7 @@ use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::crypto::MasterKey;
 use tenantsync_core::ident;
 use tenantsync_core::mapping::PgColumn;
+use tenantsync_core::names::{self, TableNames};
 use tenantsync_core::org_id::{self, OrgIdCheck, OrgIdError};
 use tenantsync_core::{Capture, Mode, TableSpec, Tenant};
 use tenantsync_store::control::{NewCredentials, NewTableSpec, NewTenant};
@@ -249,6 +250,19 @@ pub async fn add_table(
             "mode merge does not take --soft-delete: a partial update that leaves the column out cannot be told from one that clears it",
         ));
     }
+    // Against every registered table: they all share each tenant's dataset.
+    let registered = control.tables().await?;
+    let registered: Vec<TableNames<'_>> = registered.iter().map(TableNames::of).collect();
+    names::check_new_table(
+        &TableNames {
+            schema: &spec.source_schema,
+            table: &spec.source_table,
+            mode: spec.mode,
+            capture: spec.capture,
+        },
+        &registered,
+    )
+    .map_err(invalid)?;
     let columns = source
         .columns(&spec.source_schema, &spec.source_table)
         .await?;

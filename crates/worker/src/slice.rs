@@ -11,6 +11,7 @@ use tenantsync_bigquery::schema::{
 use tenantsync_bigquery::{BigQuery, BqError, Credentials, Retry};
 use tenantsync_core::chunk;
 use tenantsync_core::insert_id::insert_id;
+use tenantsync_core::names::{self, TableNames};
 use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
@@ -177,6 +178,27 @@ impl Worker {
         if let Some(p) = self.caches.plans.lock().await.get(&spec.id) {
             if p.spec == *spec {
                 return Ok(p.plan.clone());
+            }
+        }
+        // Tables registered before names were checked may share a BigQuery object; the later
+        // one stops with the refusal `tables add` gives now, the earlier one keeps its data.
+        // Names that differ only in case are two tables in a default (case-sensitive)
+        // dataset: those keep syncing, with a warning.
+        let tables = self.deps.control.tables().await?;
+        let earlier: Vec<TableNames<'_>> = tables
+            .iter()
+            .filter(|t| t.id < spec.id)
+            .map(TableNames::of)
+            .collect();
+        // One table at a time (and none, for tenantsync's own names), so a meeting in case
+        // only does not hide a real one behind it.
+        for others in std::iter::once(&[][..]).chain(earlier.chunks(1)) {
+            match names::check_new_table(&TableNames::of(spec), others) {
+                Ok(()) => {}
+                Err(e) if e.is_case_only() => {
+                    warn!(table = %spec.source_table, error = %e, "table names differ only in case")
+                }
+                Err(e) => return Err(WorkerError::Config(e.to_string())),
             }
         }
         let (columns, fingerprint) = self
