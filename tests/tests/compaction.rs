@@ -7,6 +7,12 @@ use tenantsync_core::Mode;
 use tenantsync_tests::{scalar_i64, TestEnv};
 use tenantsync_worker::NoHooks;
 
+/// Rows of a table (or view) of the tenant's dataset matching `filter`.
+async fn count(bq: &tenantsync_bigquery::BigQuery, table: &str, filter: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
+    scalar_i64(&bq.query(&sql).await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_keeps_young_versions_and_history_keeps_all() {
     let env = TestEnv::new().await.unwrap();
@@ -35,11 +41,7 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
     cfg.compact_every = Duration::ZERO;
     let worker = env.worker_with(cfg, Arc::new(NoHooks));
     let bq = env.bq(&t).await.unwrap();
-    let count = |table: &str, filter: &str| {
-        let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
-        let bq = &bq;
-        async move { scalar_i64(&bq.query(&sql).await.unwrap()) }
-    };
+    let count = |table: &'static str, filter: &'static str| count(&bq, table, filter);
     let update = |ids: &str| {
         let sql = format!(
             "UPDATE cur SET v = v + 1, updated_at = now() WHERE id IN ({ids});
@@ -94,11 +96,7 @@ async fn compaction_keeps_a_newest_version_stored_twice() {
     cfg.compact_window = Duration::from_secs(3);
     let worker = env.worker_with(cfg, Arc::new(NoHooks));
     let bq = env.bq(&t).await.unwrap();
-    let count = |table: &str, filter: &str| {
-        let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
-        let bq = &bq;
-        async move { scalar_i64(&bq.query(&sql).await.unwrap()) }
-    };
+    let count = |table: &'static str, filter: &'static str| count(&bq, table, filter);
 
     env.sync_once(&worker).await.unwrap(); // v1 of 10 keys
     sqlx::raw_sql("UPDATE twice SET v = 2, updated_at = now() WHERE id <= 5")

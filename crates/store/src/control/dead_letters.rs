@@ -31,19 +31,25 @@ pub struct DeadLetter {
     pub payload: String,
 }
 
+/// Keys, cursors and reasons of dead letters as parallel arrays for `unnest`. Keys are text[];
+/// unnest cannot take an array of arrays, so keys travel as JSON.
+fn columns(rows: &[NewDeadLetter]) -> (Vec<String>, Vec<&str>, Vec<&str>) {
+    let keys = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.key).expect("strings serialize"))
+        .collect();
+    let cursors = rows.iter().map(|r| r.cursor.as_str()).collect();
+    let reasons = rows.iter().map(|r| r.reason.as_str()).collect();
+    (keys, cursors, reasons)
+}
+
 impl ControlPlane {
     /// Record refused rows of one task (one statement for the batch).
     pub async fn add_dead_letters(&self, task: TaskId, rows: &[NewDeadLetter]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        // Keys are text[]; unnest cannot take an array of arrays, so keys travel as JSON.
-        let keys: Vec<String> = rows
-            .iter()
-            .map(|r| serde_json::to_string(&r.key).expect("strings serialize"))
-            .collect();
-        let cursors: Vec<&str> = rows.iter().map(|r| r.cursor.as_str()).collect();
-        let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+        let (keys, cursors, reasons) = columns(rows);
         let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
         sqlx::query(
             "INSERT INTO dead_letters (tenant_id, table_id, row_key, cursor, reason, payload)
@@ -72,12 +78,7 @@ impl ControlPlane {
         rows: &[NewDeadLetter],
         complete: bool,
     ) -> Result<u64> {
-        let keys: Vec<String> = rows
-            .iter()
-            .map(|r| serde_json::to_string(&r.key).expect("strings serialize"))
-            .collect();
-        let cursors: Vec<&str> = rows.iter().map(|r| r.cursor.as_str()).collect();
-        let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+        let (keys, cursors, reasons) = columns(rows);
         let added: i64 = sqlx::query_scalar(include_str!("../queries/report_unsyncable.sql"))
             .bind(task.tenant_id)
             .bind(task.table_id)
