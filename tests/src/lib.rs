@@ -436,17 +436,23 @@ impl TestEnv {
 
     /// The address a spawned process logged it serves `/metrics` on (it binds port 0).
     pub async fn metrics_addr(&self, p: &Proc) -> String {
+        self.logged_addr(p, "serving /metrics").await
+    }
+
+    /// The `addr` field of the first log line of `p` containing `marker` (a listener bound
+    /// to port 0 logs where it listens); fails the test after 30 s.
+    pub async fn logged_addr(&self, p: &Proc, marker: &str) -> String {
         let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", self.id, p.name));
         let t0 = std::time::Instant::now();
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("serving /metrics")) {
+            if let Some(line) = text.lines().find(|l| l.contains(marker)) {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 return v["fields"]["addr"].as_str().unwrap().to_string();
             }
             assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "{} never served metrics:\n{text}",
+                t0.elapsed() < Duration::from_secs(30),
+                "{} never logged {marker:?}:\n{text}",
                 p.name
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -2,25 +2,12 @@
 //! table switches, the audit log, and the admin HTTP API's bearer-token auth. Every output,
 //! response and log line of the suite is scanned for the secrets it handled.
 
-use std::time::Duration;
 use tenantsync_core::TenantStatus;
 use tenantsync_tests::{captured_logs, scalar_i64, Proc, TestEnv};
 
 /// The address `tenantsync admin-api` logged it listens on (it binds port 0).
 async fn api_addr(env: &TestEnv, p: &Proc) -> String {
-    let t0 = std::time::Instant::now();
-    loop {
-        let text = read_log(env, p);
-        if let Some(line) = text.lines().find(|l| l.contains("serving admin api")) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            return format!("http://{}", v["fields"]["addr"].as_str().unwrap());
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "admin api never started; its log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    format!("http://{}", env.logged_addr(p, "serving admin api").await)
 }
 
 fn read_log(env: &TestEnv, p: &Proc) -> String {

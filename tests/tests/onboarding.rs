@@ -245,20 +245,7 @@ fn key_file(env: &TestEnv, pem: &str, token_uri: &str, n: usize) -> std::path::P
 
 /// The address `tenantsync admin-api` logged it listens on (it binds port 0).
 async fn api_addr(env: &TestEnv, p: &Proc) -> String {
-    let log = std::env::temp_dir().join(format!("tstest-{}-{}.log", env.id, p.name));
-    let t0 = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("serving admin api")) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            return format!("http://{}", v["fields"]["addr"].as_str().unwrap());
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "admin api never started; its log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    format!("http://{}", env.logged_addr(p, "serving admin api").await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
