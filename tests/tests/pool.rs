@@ -88,9 +88,13 @@ async fn assert_one_writer_per_task(env: &TestEnv) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_workers_and_two_coordinators_sync_fifty_tenants_with_one_writer_per_task() {
+async fn three_workers_and_two_coordinators_sync_twenty_tenants_with_one_writer_per_task() {
     let env = TestEnv::new().await.unwrap();
-    let orgs: Vec<i64> = (1..=50).collect();
+    // 80 tasks: plenty for three workers to share and for a second writer to show up if the
+    // leases let one through. With 50 tenants (200 tasks) the wait below needed 566-600 s of
+    // its 600 s on a busy machine, nearly all of it the emulator creating 200 tables and views
+    // in one Python process; scale is what the benchmarks measure, not this test.
+    let orgs: Vec<i64> = (1..=20).collect();
     setup(&env, &orgs, 10).await;
     let mut generator = tenantsync_demo::Generator::new(env.source_pool().clone(), orgs.clone(), 3)
         .await
@@ -113,8 +117,8 @@ async fn three_workers_and_two_coordinators_sync_fifty_tenants_with_one_writer_p
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let last_write = Utc::now();
-    // Bound by the emulator: 200 tasks create their tables and views through one Python
-    // process (about 4 minutes on a busy 2-core machine). Speed is not what this test checks.
+    // Bound by the emulator: 80 tasks create their tables and views through one Python
+    // process (about 2 minutes on a busy 2-core machine). Speed is not what this test checks.
     env.wait_synced_through(last_write, Duration::from_secs(600))
         .await
         .unwrap();
