@@ -426,11 +426,22 @@ pub struct ControlWatch {
     /// Watermark commits: each time the rows confirmed in BigQuery (the sum of
     /// `sync_state.rows_synced`) grew.
     pub commits: Events,
+    /// Each time the point every task is confirmed through moved forward: the slowest task
+    /// made progress.
+    pub advances: Events,
     /// (when, the point every task was confirmed through) samples.
     synced: Mutex<Vec<(Instant, chrono::DateTime<chrono::Utc>)>>,
 }
 
 impl ControlWatch {
+    /// How far behind the slowest task was at `at` (now minus its confirmed point).
+    pub fn lag_at(&self, at: Instant) -> Option<Duration> {
+        let synced = self.synced.lock().unwrap();
+        let (seen, through) = synced.iter().rev().find(|(seen, _)| *seen <= at)?;
+        let now = chrono::Utc::now() - chrono::Duration::from_std(seen.elapsed()).ok()?;
+        (now - *through).to_std().ok()
+    }
+
     /// When every task was first seen confirmed through `t`.
     pub fn caught_up(&self, t: chrono::DateTime<chrono::Utc>) -> Option<Instant> {
         self.synced
@@ -466,7 +477,11 @@ pub async fn watch_control(
                 }
             }
             if let Ok(Some(through)) = control.oldest_synced_through().await {
-                w.synced.lock().unwrap().push((Instant::now(), through));
+                let mut synced = w.synced.lock().unwrap();
+                if synced.last().is_some_and(|(_, last)| through > *last) {
+                    w.advances.record();
+                }
+                synced.push((Instant::now(), through));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
