@@ -230,25 +230,9 @@ impl Events {
         self.0.lock().unwrap().push(Instant::now());
     }
 
-    pub fn count(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
     /// The first event at or after `t`.
     pub fn first_after(&self, t: Instant) -> Option<Instant> {
         self.0.lock().unwrap().iter().copied().find(|e| *e >= t)
-    }
-
-    /// The longest stretch of `[from, to]` with no event (edges included).
-    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
-        let events = self.0.lock().unwrap();
-        let mut last = from;
-        let mut gap = Duration::ZERO;
-        for e in events.iter().copied().filter(|e| *e > from && *e < to) {
-            gap = gap.max(e - last);
-            last = e;
-        }
-        gap.max(to.saturating_duration_since(last))
     }
 }
 
@@ -426,14 +410,25 @@ pub struct ControlWatch {
     /// Watermark commits: each time the rows confirmed in BigQuery (the sum of
     /// `sync_state.rows_synced`) grew.
     pub commits: Events,
-    /// Each time the point every task is confirmed through moved forward: the slowest task
-    /// made progress.
-    pub advances: Events,
     /// (when, the point every task was confirmed through) samples.
     synced: Mutex<Vec<(Instant, chrono::DateTime<chrono::Utc>)>>,
+    /// (when, each task's confirmed point, in task order) samples.
+    tasks: Mutex<Vec<(Instant, Vec<Option<chrono::DateTime<chrono::Utc>>>)>>,
 }
 
 impl ControlWatch {
+    /// When every task had been confirmed further than it was at `t`: each one made progress
+    /// since (however far behind it is).
+    pub fn all_moved(&self, t: Instant) -> Option<Instant> {
+        let tasks = self.tasks.lock().unwrap();
+        let (_, base) = tasks.iter().rev().find(|(seen, _)| *seen <= t)?;
+        tasks
+            .iter()
+            .filter(|(seen, now)| *seen > t && now.len() == base.len())
+            .find(|(_, now)| now.iter().zip(base).all(|(n, b)| n > b))
+            .map(|(seen, _)| *seen)
+    }
+
     /// How far behind the slowest task was at `at` (now minus its confirmed point).
     pub fn lag_at(&self, at: Instant) -> Option<Duration> {
         let synced = self.synced.lock().unwrap();
@@ -476,12 +471,19 @@ pub async fn watch_control(
                     last = rows;
                 }
             }
+            let per_task: Result<Vec<Option<chrono::DateTime<chrono::Utc>>>, _> =
+                sqlx::query_scalar(
+                    "SELECT effective_synced_through(s, cs) FROM sync_state s
+                     LEFT JOIN change_scans cs ON cs.table_id = s.table_id
+                     ORDER BY s.tenant_id, s.table_id",
+                )
+                .fetch_all(control.pool())
+                .await;
+            if let Ok(per_task) = per_task {
+                w.tasks.lock().unwrap().push((Instant::now(), per_task));
+            }
             if let Ok(Some(through)) = control.oldest_synced_through().await {
-                let mut synced = w.synced.lock().unwrap();
-                if synced.last().is_some_and(|(_, last)| through > *last) {
-                    w.advances.record();
-                }
-                synced.push((Instant::now(), through));
+                w.synced.lock().unwrap().push((Instant::now(), through));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -34,9 +34,10 @@ const COMPACT_EVERY_S: u64 = 20;
 /// Every fault must be followed by progress within this long (the issue: a Redis blip should
 /// cost seconds; a fault here costs about a lease TTL or a reconnect).
 const PAUSE_LIMIT: Duration = Duration::from_secs(30);
-/// How long the schedule waits for every task to catch up after a fault before it moves on
-/// regardless (the pause is still measured: the watch goes on until the end).
-const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the schedule waits for progress after a fault before it moves on regardless; long
+/// enough that a pause well past `PAUSE_LIMIT` is measured whole, not mixed with the next
+/// fault's.
+const SETTLE_LIMIT: Duration = Duration::from_secs(150);
 /// Faults start at least this far apart.
 const FAULT_GAP: Duration = Duration::from_secs(6);
 
@@ -225,13 +226,13 @@ fn leader(redis: &RedisServer, env: &TestEnv) -> Option<String> {
 }
 
 /// Wait until, after the fault's recovery, an insertAll was acknowledged, a watermark
-/// committed and the slowest task moved forward, or `limit` passed. The first two alone are
-/// not enough: work already queued or in flight produces them while scheduling is down.
+/// committed and every task moved forward, or `limit` passed. The first two alone are not
+/// enough: work already queued or in flight produces them while scheduling is down.
 async fn wait_progress(proxy: &FaultProxy, watch: &ControlWatch, f: &FaultRecord, limit: Duration) {
     let t = f.recovered;
     while (proxy.inserts.first_after(t).is_none()
         || watch.commits.first_after(t).is_none()
-        || watch.advances.first_after(t).is_none())
+        || watch.all_moved(t).is_none())
         && t.elapsed() < limit
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -435,21 +436,20 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
         proxy.counts()
     );
 
-    // Pauses. insert, commit: from a fault until the next acknowledged insertAll and the next
-    // watermark commit after the system could work again. stall: the longest the slowest
-    // task's confirmed point stood still from the fault until the next one; a task that stopped
-    // shows here whatever the others do. Shown, not bounded: the slowest task's lag before the
-    // fault, and when every task was confirmed through the recovery (that lag included).
+    // Pauses, from a fault: insert, commit: until the next acknowledged insertAll and the next
+    // watermark commit after the system could work again. moved: until every task had made
+    // progress since then; a task that stopped shows here whatever the others do. Shown, not
+    // bounded: the slowest task's lag at the fault, and when every task was confirmed through
+    // the recovery (that lag included; the local BigQuery on a busy machine sets it).
     println!(
         "{:<48} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7} {:>9}",
-        "fault", "at s", "down s", "insert s", "commit s", "stall s", "lag s", "caught up"
+        "fault", "at s", "down s", "insert s", "commit s", "moved s", "lag s", "caught up"
     );
     let mut problems = Vec::new();
-    for (i, f) in faults.iter().enumerate() {
-        let until = faults.get(i + 1).map_or(drained_at, |n| n.at);
+    for f in &faults {
         let insert = proxy.inserts.first_after(f.recovered).map(|t| t - f.at);
         let commit = watch.commits.first_after(f.recovered).map(|t| t - f.at);
-        let stall = watch.advances.longest_gap(f.at, until);
+        let moved = watch.all_moved(f.recovered).map(|t| t - f.at);
         let caught_up = watch.caught_up(f.recovered_wall).map(|t| t - f.at);
         let show = |d: Option<Duration>| d.map_or("never".to_string(), secs);
         println!(
@@ -459,18 +459,18 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
             secs(f.down),
             show(insert),
             show(commit),
-            secs(stall),
+            show(moved),
             show(watch.lag_at(f.at)),
             show(caught_up)
         );
         for (what, d) in [
             ("insert", insert),
             ("commit", commit),
-            ("stall", Some(stall)),
+            ("every task moved", moved),
         ] {
             if d.is_none_or(|d| d >= PAUSE_LIMIT) {
                 problems.push(format!(
-                    "after {}: {what} {} s (limit {} s)",
+                    "after {}: {what} after {} s (limit {} s)",
                     f.name,
                     show(d),
                     secs(PAUSE_LIMIT)
