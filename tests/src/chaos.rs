@@ -404,6 +404,9 @@ impl Drop for FaultProxy {
     }
 }
 
+/// A task's confirmed point (`None` until its first commit).
+type Synced = Option<chrono::DateTime<chrono::Utc>>;
+
 /// What the control plane showed over time, polled every 100 ms by [`watch_control`].
 #[derive(Default)]
 pub struct ControlWatch {
@@ -413,7 +416,7 @@ pub struct ControlWatch {
     /// (when, the point every task was confirmed through) samples.
     synced: Mutex<Vec<(Instant, chrono::DateTime<chrono::Utc>)>>,
     /// (when, each task's confirmed point, in task order) samples.
-    tasks: Mutex<Vec<(Instant, Vec<Option<chrono::DateTime<chrono::Utc>>>)>>,
+    tasks: Mutex<Vec<(Instant, Vec<Synced>)>>,
 }
 
 impl ControlWatch {
@@ -471,14 +474,13 @@ pub async fn watch_control(
                     last = rows;
                 }
             }
-            let per_task: Result<Vec<Option<chrono::DateTime<chrono::Utc>>>, _> =
-                sqlx::query_scalar(
-                    "SELECT effective_synced_through(s, cs) FROM sync_state s
+            let per_task: Result<Vec<Synced>, _> = sqlx::query_scalar(
+                "SELECT effective_synced_through(s, cs) FROM sync_state s
                      LEFT JOIN change_scans cs ON cs.table_id = s.table_id
                      ORDER BY s.tenant_id, s.table_id",
-                )
-                .fetch_all(control.pool())
-                .await;
+            )
+            .fetch_all(control.pool())
+            .await;
             if let Ok(per_task) = per_task {
                 w.tasks.lock().unwrap().push((Instant::now(), per_task));
             }
