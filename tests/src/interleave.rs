@@ -81,8 +81,14 @@ pub async fn pg_pairs(pool: &PgPool, sql: &str, org: i64) -> Result<BTreeMap<i64
 
 /// `SELECT id, v FROM <view>` in BigQuery as a map; fails if a key appears twice.
 pub async fn bq_pairs(bq: &BigQuery, view: &str) -> Result<BTreeMap<i64, i64>> {
+    bq_pairs_by(bq, "id", view).await
+}
+
+/// Like [`bq_pairs`], keyed by an integer expression of the view's columns: a composite key
+/// packed into one number, compared with the same packing on the Postgres side.
+pub async fn bq_pairs_by(bq: &BigQuery, key: &str, view: &str) -> Result<BTreeMap<i64, i64>> {
     let rows = bq
-        .query(&format!("SELECT id, v FROM {}", bq.qualified(view)))
+        .query(&format!("SELECT {key}, v FROM {}", bq.qualified(view)))
         .await?;
     let map: BTreeMap<i64, i64> = rows
         .iter()

@@ -3,6 +3,7 @@
 //! Redis key prefix and its own dataset names, so tests run in parallel without sharing state.
 
 pub mod bench;
+pub mod chaos;
 pub mod http;
 pub mod interleave;
 pub mod sink;
@@ -109,13 +110,22 @@ fn with_db(url: &str, db: &str) -> String {
 }
 
 impl TestEnv {
-    /// Fresh databases (control plane migrated, demo schema installed), a unique Redis prefix.
+    /// Fresh databases (control plane migrated, demo schema installed), a unique Redis prefix,
+    /// on the shared Postgres and Redis that `scripts/dev-env` started.
     pub async fn new() -> Result<Self> {
+        load_dotenv();
+        Self::with_services(&var("DATABASE_URL"), &var("REDIS_URL")).await
+    }
+
+    /// Like [`Self::new`], on a Postgres server (`admin_url`: a database on it the test may
+    /// create databases from) and a Redis of the test's own: the chaos test restarts them, which
+    /// it must not do to the servers every other test shares.
+    pub async fn with_services(admin_url: &str, redis_url: &str) -> Result<Self> {
         load_dotenv();
         init_logging();
         tenantsync_bigquery::client::install_crypto_provider();
         let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-        let admin_url = var("DATABASE_URL");
+        let admin_url = admin_url.to_string();
         let admin = tenantsync_store::connect(&admin_url, 1).await?;
         let control_db = format!("tstest_{id}_ctl");
         let source_db = format!("tstest_{id}_src");
@@ -132,7 +142,7 @@ impl TestEnv {
         tenantsync_store::migrate(control.pool()).await?;
         let source = SourceReader::new(tenantsync_store::connect(&source_url, 4).await?);
         tenantsync_demo::install_schema(source.pool()).await?;
-        let redis_url = var("REDIS_URL");
+        let redis_url = redis_url.to_string();
         let leases = Leases::connect(&redis_url, &format!("tstest:{id}")).await?;
         let master_key_b64 = MasterKey::generate_base64();
         Ok(Self {
