@@ -64,7 +64,16 @@ pub async fn add_tenant(
             ))
         }
     };
-    check_no_clash(control, &req, organization_id).await?;
+    let new = NewTenant {
+        slug: req.slug.clone(),
+        organization_id: organization_id.to_string(),
+        bq_project: req.project.clone(),
+        bq_dataset: req.dataset.clone(),
+    };
+    // A second tenant of one organization would receive the same rows in its own dataset.
+    if let Some(clash) = control.tenant_clash(&new).await? {
+        return Err(WorkerError::Store(StoreError::Conflict(clash)));
+    }
     for spec in control.tables().await? {
         let columns = match source
             .columns(&spec.source_schema, &spec.source_table)
@@ -98,12 +107,6 @@ pub async fn add_tenant(
     .await?;
     client.ensure_dataset().await?;
 
-    let new = NewTenant {
-        slug: req.slug.clone(),
-        organization_id: organization_id.to_string(),
-        bq_project: req.project.clone(),
-        bq_dataset: req.dataset.clone(),
-    };
     let tenant = match &req.credentials {
         Some(json) => {
             let plain = secrecy::ExposeSecret::expose_secret(json)
@@ -119,38 +122,6 @@ pub async fn add_tenant(
         None => control.add_tenant(&new, None).await?,
     };
     Ok(tenant)
-}
-
-/// Refuse a tenant whose slug, organization or dataset another tenant has, naming that tenant.
-/// A second tenant of one organization would receive the same rows in its own dataset.
-async fn check_no_clash(
-    control: &ControlPlane,
-    req: &TenantRequest,
-    organization_id: &str,
-) -> Result<(), WorkerError> {
-    let clashes = control
-        .tenant_conflicts(&req.slug, organization_id, &req.project, &req.dataset)
-        .await?;
-    let conflict = |m: String| Err(WorkerError::Store(StoreError::Conflict(m)));
-    if clashes.iter().any(|t| t.slug == req.slug) {
-        return conflict(format!("a tenant {:?} exists already", req.slug));
-    }
-    if let Some(t) = clashes
-        .iter()
-        .find(|t| t.organization_id == organization_id)
-    {
-        return conflict(format!(
-            "organization {organization_id} is already onboarded as tenant {}",
-            t.slug
-        ));
-    }
-    if let Some(t) = clashes.first() {
-        return conflict(format!(
-            "dataset {}.{} belongs to tenant {} already",
-            req.project, req.dataset, t.slug
-        ));
-    }
-    Ok(())
 }
 
 /// Whether `organization_id` is the canonical text of a value of `spec`'s tenant column (see

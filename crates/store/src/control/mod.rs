@@ -139,40 +139,20 @@ impl ControlPlane {
         .await;
         let id = match id {
             Ok(id) => id,
+            // Onboarding looks for clashes before it calls BigQuery; the constraints decide
+            // when two onboardings race, and the refusal names the tenant that won.
             Err(e) => {
-                // Onboarding looks for these conflicts before it calls BigQuery; the
-                // constraints are what decides when two onboardings race.
-                let constraint = match &e {
-                    sqlx::Error::Database(db) => db.constraint().map(str::to_string),
-                    _ => None,
-                };
                 drop(tx);
-                return Err(match (StoreError::from(e), constraint.as_deref()) {
-                    (StoreError::Conflict(_), Some("tenants_organization_id_key")) => {
-                        let owner = self
-                            .tenant_conflicts(&t.slug, &t.organization_id, "", "")
-                            .await?
-                            .into_iter()
-                            .find(|c| c.organization_id == t.organization_id);
-                        StoreError::Conflict(match owner {
-                            Some(o) => format!(
-                                "organization {} is already onboarded as tenant {}",
-                                t.organization_id, o.slug
-                            ),
-                            None => format!(
-                                "organization {} is already onboarded as another tenant",
-                                t.organization_id
-                            ),
-                        })
-                    }
-                    (StoreError::Conflict(_), Some("tenants_slug_key")) => {
-                        StoreError::Conflict(format!("a tenant {:?} exists already", t.slug))
-                    }
-                    (StoreError::Conflict(_), _) => StoreError::Conflict(format!(
-                        "a tenant with slug {:?} or dataset {}.{} exists already",
-                        t.slug, t.bq_project, t.bq_dataset
-                    )),
-                    (other, _) => other,
+                return Err(match StoreError::from(e) {
+                    StoreError::Conflict(_) => StoreError::Conflict(
+                        self.tenant_clash(t).await?.unwrap_or_else(|| {
+                            format!(
+                                "a tenant with slug {:?}, organization {} or dataset {}.{} exists already",
+                                t.slug, t.organization_id, t.bq_project, t.bq_dataset
+                            )
+                        }),
+                    ),
+                    other => other,
                 });
             }
         };
@@ -205,28 +185,44 @@ impl ControlPlane {
         self.tenant(&t.slug).await
     }
 
-    /// Existing tenants that a new one would clash with: the same slug, the same organization
-    /// id, or the same dataset.
-    pub async fn tenant_conflicts(
-        &self,
-        slug: &str,
-        organization_id: &str,
-        bq_project: &str,
-        bq_dataset: &str,
-    ) -> Result<Vec<Tenant>> {
+    /// Why a new tenant clashes with an existing one, naming it: the same slug, the same
+    /// organization (whose rows would then go to two datasets) or the same dataset. None when
+    /// it clashes with nothing.
+    pub async fn tenant_clash(&self, t: &NewTenant) -> Result<Option<String>> {
         let rows = sqlx::query(&format!(
             "SELECT {TENANT_COLUMNS} FROM tenants t
              WHERE t.slug = $1 OR t.organization_id = $2
                 OR (t.bq_project = $3 AND t.bq_dataset = $4)
              ORDER BY t.slug"
         ))
-        .bind(slug)
-        .bind(organization_id)
-        .bind(bq_project)
-        .bind(bq_dataset)
+        .bind(&t.slug)
+        .bind(&t.organization_id)
+        .bind(&t.bq_project)
+        .bind(&t.bq_dataset)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(tenant_from_row).collect()
+        let clashes = rows
+            .iter()
+            .map(tenant_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        if clashes.iter().any(|c| c.slug == t.slug) {
+            return Ok(Some(format!("a tenant {:?} exists already", t.slug)));
+        }
+        if let Some(c) = clashes
+            .iter()
+            .find(|c| c.organization_id == t.organization_id)
+        {
+            return Ok(Some(format!(
+                "organization {} is already onboarded as tenant {}",
+                t.organization_id, c.slug
+            )));
+        }
+        Ok(clashes.first().map(|c| {
+            format!(
+                "dataset {}.{} belongs to tenant {} already",
+                t.bq_project, t.bq_dataset, c.slug
+            )
+        }))
     }
 
     pub async fn tenant(&self, slug: &str) -> Result<Tenant> {
