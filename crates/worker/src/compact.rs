@@ -16,11 +16,7 @@ impl Worker {
     /// mode) or the MERGE into `<table>_final` (merge mode). Errors are logged, never fail the
     /// slice (the rows are in BigQuery either way).
     pub(crate) async fn periodic_now(&self, tenant: &Tenant, spec: &TableSpec) {
-        let task = TaskId {
-            tenant_id: tenant.id,
-            table_id: spec.id,
-        };
-        self.report_unsyncable(tenant, spec, task).await;
+        self.report_unsyncable(tenant, spec).await;
         let done = match spec.mode {
             Mode::Merge => self.merge(tenant, spec).await,
             Mode::Latest => self.compact(tenant, spec).await,
@@ -36,8 +32,8 @@ impl Worker {
     /// version time, so the slice reads pass over them; without this they were silently never
     /// synced while progress said 100 % (or, at `-infinity`, stopped the table for good).
     /// Errors are logged: the next turn tries again.
-    pub(crate) async fn report_unsyncable(&self, tenant: &Tenant, spec: &TableSpec, task: TaskId) {
-        if let Err(e) = self.try_report_unsyncable(tenant, spec, task).await {
+    pub(crate) async fn report_unsyncable(&self, tenant: &Tenant, spec: &TableSpec) {
+        if let Err(e) = self.try_report_unsyncable(tenant, spec).await {
             warn!(tenant = %tenant.slug, table = %spec.source_table, error = %e, "check for unsyncable rows failed; it waits for the next turn");
         }
     }
@@ -46,8 +42,11 @@ impl Worker {
         &self,
         tenant: &Tenant,
         spec: &TableSpec,
-        task: TaskId,
     ) -> Result<(), WorkerError> {
+        let task = TaskId {
+            tenant_id: tenant.id,
+            table_id: spec.id,
+        };
         // A bound on one check's work; the rest are found at the next turns.
         const LIMIT: i64 = 1000;
         let plan = self.plan(spec).await?;

@@ -509,7 +509,7 @@ impl Worker {
         if finish.compact {
             self.periodic_now(&tenant, &spec).await;
         } else if finish.first_turn {
-            self.report_unsyncable(&tenant, &spec, task).await;
+            self.report_unsyncable(&tenant, &spec).await;
         }
         Ok(SliceReport {
             task,
