@@ -233,13 +233,15 @@ impl Health {
     /// Ticks failing longer than this make the coordinator unready.
     pub const UNREADY_AFTER: Duration = Duration::from_secs(15);
 
-    fn set(&self, failing: bool) {
+    /// Record a tick's outcome; true when it changed whether ticks are failing.
+    fn set(&self, failing: bool) -> bool {
         let mut f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
         match (failing, f.is_some()) {
             (true, false) => *f = Some(Instant::now()),
             (false, true) => *f = None,
-            _ => {}
+            _ => return false,
         }
+        true
     }
 
     /// How long every tick has been failing, if the last one failed.
@@ -271,7 +273,6 @@ pub async fn run_with_health(
 ) {
     let mut lease: Option<Lease> = None;
     let mut sched = Scheduler::default();
-    let mut failing = false;
     // Gauges are refreshed on their own task: reading every task's state takes ~0.4 s at
     // 100,000 tasks and must not delay a tick.
     let refresher = {
@@ -330,24 +331,24 @@ pub async fn run_with_health(
         };
         match step.await {
             Ok(()) => {
-                health.set(false);
-                if failing {
+                if health.set(false) {
                     info!("coordinator recovered");
-                    failing = false;
                 }
             }
             Err(e) => {
-                health.set(true);
                 metrics::tick_failed();
-                if !failing {
+                if health.set(true) {
                     warn!(error = %e, "coordinator tick failed; retrying");
-                    failing = true;
                 }
                 // Start change detection again from the control plane after an outage.
                 sched = Scheduler::default();
             }
         }
-        let wait = if failing { cfg.tick * 4 } else { cfg.tick };
+        let wait = if health.failing_for().is_some() {
+            cfg.tick * 4
+        } else {
+            cfg.tick
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => {}
