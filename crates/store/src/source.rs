@@ -554,7 +554,8 @@ impl SlicePlan {
                 )
             })
             .collect::<Vec<_>>()
-            .join(" UNION ALL ");
+            .join(" UNION ALL ")
+            + " LIMIT $2";
         // Which tenants have rows in [$1, horizon $2): one query per table per coordinator tick,
         // however many tenants are idle.
         let since = if cursor_is_tz {
