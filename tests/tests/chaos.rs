@@ -182,34 +182,28 @@ struct Fleet {
 
 impl Fleet {
     fn spawn_worker(&mut self, env: &TestEnv, slot: usize) {
-        self.spawned += 1;
-        let name = format!("w{slot}-{}", self.spawned);
-        let vars: Vec<(&str, &str)> = self
-            .worker_vars
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        let p = env.spawn(&name, &["worker"], &vars);
-        if slot < self.workers.len() {
-            self.workers[slot] = p;
-        } else {
-            self.workers.push(p);
-        }
+        self.spawn(env, "worker", slot);
     }
 
     fn spawn_coordinator(&mut self, env: &TestEnv, slot: usize) {
+        self.spawn(env, "coordinator", slot);
+    }
+
+    /// Start `tenantsync <role>` in `slot` of that role's processes (replacing a dead one),
+    /// named by the role's initial, the slot and a running number.
+    fn spawn(&mut self, env: &TestEnv, role: &str, slot: usize) {
         self.spawned += 1;
-        let name = format!("c{slot}-{}", self.spawned);
-        let vars: Vec<(&str, &str)> = self
-            .coordinator_vars
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        let p = env.spawn(&name, &["coordinator"], &vars);
-        if slot < self.coordinators.len() {
-            self.coordinators[slot] = p;
+        let (vars, procs) = match role {
+            "worker" => (&self.worker_vars, &mut self.workers),
+            _ => (&self.coordinator_vars, &mut self.coordinators),
+        };
+        let name = format!("{}{slot}-{}", &role[..1], self.spawned);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let p = env.spawn(&name, &[role], &vars);
+        if slot < procs.len() {
+            procs[slot] = p;
         } else {
-            self.coordinators.push(p);
+            procs.push(p);
         }
     }
 
