@@ -1,6 +1,6 @@
 //! Changelog capture: a change table per source table, filled by a trigger in the writing
-//! transaction, read by workers below the oldest running transaction id (DESIGN.md, "Change
-//! capture").
+//! transaction, read by workers below the oldest running transaction id (docs/architecture.md,
+//! "A slice's life", step 3; the README's "Changelog capture").
 //!
 //! Everything lives in the source database's `tenantsync_changes` schema:
 //! `tenantsync_changes."<schema>__<table>"` (the changes) and a trigger function of the same
