@@ -2,7 +2,9 @@
 
 pub mod api;
 mod error;
+pub mod onboarding;
 pub mod progress;
+pub mod repair;
 pub mod tokens;
 
 pub use error::AdminError;

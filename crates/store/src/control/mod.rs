@@ -418,9 +418,6 @@ impl ControlPlane {
         spec_from_row(&row)
     }
 
-    /// Per tenant and table: rows synced, watermark, lag (computed here from `synced_through`
-    /// and change-detection coverage, so it keeps growing when no worker or coordinator runs),
-    /// last error.
     /// The point one task is confirmed through (what `status` shows as synced through).
     pub async fn task_synced_through(
         &self,
@@ -439,6 +436,9 @@ impl ControlPlane {
         .flatten())
     }
 
+    /// Per tenant and table: rows synced, watermark, lag (computed here from `synced_through`
+    /// and change-detection coverage, so it keeps growing when no worker or coordinator runs),
+    /// last error.
     pub async fn status(&self) -> Result<Vec<StatusRow>> {
         let rows = sqlx::query(
             "SELECT s.tenant_id, s.table_id, tn.organization_id, tn.slug, tn.status, ts.source_table, ts.source_schema, s.rows_synced,

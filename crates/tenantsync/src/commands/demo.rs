@@ -1,7 +1,8 @@
 //! `tenantsync demo`: the real thing on local services with a demo data set.
 
+use super::status::status;
+use super::{control, leases, shutdown_on_signal, source, worker_on};
 use crate::cli::{DemoArgs, ListArgs};
-use crate::commands::{control, leases, shutdown_on_signal, source, status, worker_on};
 use crate::config;
 use anyhow::{Context, Result};
 use std::process::ExitCode;

@@ -1,6 +1,6 @@
 //! `tenantsync verify [--repair]` and `tenantsync resync`.
 
-use super::worker;
+use super::{admin_of, worker};
 use crate::cli::{ResyncArgs, VerifyArgs};
 use anyhow::{bail, Context, Result};
 use std::process::ExitCode;
@@ -8,6 +8,7 @@ use tenantsync_admin::cli_actor;
 
 pub(crate) async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     let w = worker().await?;
+    let admin = admin_of(&w)?;
     let control = &w.deps().control;
     let tenants = match &args.tenant {
         Some(slug) => vec![control.tenant(slug).await?],
@@ -28,22 +29,10 @@ pub(crate) async fn verify(args: VerifyArgs) -> Result<ExitCode> {
     let mut drifted = false;
     for tenant in &tenants {
         for spec in &tables {
-            let v = w
-                .verify(tenant, spec, args.repair)
+            let v = admin
+                .verify(&cli_actor(), &w, tenant, spec, args.repair)
                 .await
                 .with_context(|| format!("verifying {} of {}", spec.source_table, tenant.slug))?;
-            if args.repair {
-                if let Some(n) = v.repaired_rows {
-                    control
-                        .audit(
-                            &cli_actor(),
-                            "verify.repair",
-                            Some(&tenant.slug),
-                            serde_json::json!({"table": spec.source_table, "rows_sent": n}),
-                        )
-                        .await?;
-                }
-            }
             drifted |= v.drifted();
             if !args.json {
                 print_verification(&v);
@@ -121,16 +110,13 @@ pub(crate) async fn resync(args: ResyncArgs) -> Result<ExitCode> {
             .map(|k| k.split(',').map(|p| p.trim().to_string()).collect())
     };
     let (from, to) = (split(&args.from), split(&args.to));
-    let sent = w
-        .resync(&tenant, &spec, from.as_deref(), to.as_deref())
-        .await?;
-    control
-        .audit(
+    let sent = admin_of(&w)?
+        .resync(
             &cli_actor(),
-            "resync",
-            Some(&tenant.slug),
-            serde_json::json!({"table": spec.source_table, "from": args.from, "to": args.to,
-                               "rows_sent": sent}),
+            &w,
+            &tenant,
+            &spec,
+            (from.as_deref(), to.as_deref()),
         )
         .await?;
     println!(

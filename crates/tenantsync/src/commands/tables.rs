@@ -1,0 +1,97 @@
+//! `tenantsync tables …`: register source tables, list them, switch one on or off per tenant.
+
+use super::{admin, admin_with_source, print_list};
+use crate::cli::{TablesAdd, TablesCmd};
+use anyhow::Result;
+use std::process::ExitCode;
+use tenantsync_admin::cli_actor;
+use tenantsync_core::{Capture, TableSpec};
+use tenantsync_store::control::NewTableSpec;
+
+pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
+    match cmd {
+        TablesCmd::Add(a) => add(a).await?,
+        TablesCmd::List(l) => {
+            let tables = admin().await?.control.tables().await?;
+            print_list(
+                &l,
+                &tables,
+                &[
+                    "TABLE",
+                    "KEY",
+                    "CAPTURE",
+                    "TENANT COLUMN",
+                    "MODE",
+                    "ENABLED",
+                ],
+                |s| {
+                    vec![
+                        format!("{}.{}", s.source_schema, s.source_table),
+                        s.key_columns.join(","),
+                        capture(s),
+                        s.tenant_column.clone(),
+                        s.mode.to_string(),
+                        s.enabled.to_string(),
+                    ]
+                },
+            )?;
+        }
+        TablesCmd::Enable(s) => switch(&s.tenant, &s.table, true).await?,
+        TablesCmd::Disable(s) => switch(&s.tenant, &s.table, false).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn capture(s: &TableSpec) -> String {
+    match s.capture {
+        Capture::Cursor => format!("cursor {}", s.cursor_column),
+        Capture::Changelog => "changelog".to_string(),
+    }
+}
+
+async fn add(a: TablesAdd) -> Result<()> {
+    let spec = admin_with_source()
+        .await?
+        .add_table(
+            &cli_actor(),
+            NewTableSpec {
+                source_schema: a.schema,
+                source_table: a.table,
+                key_columns: a.key,
+                cursor_column: a.cursor,
+                tenant_column: a.tenant_column,
+                mode: a.mode.parse().map_err(anyhow::Error::msg)?,
+                sync_interval_ms: a.interval_ms,
+                slice_rows: a.slice_rows,
+                soft_delete_column: a.soft_delete,
+                capture: a.capture.parse().map_err(anyhow::Error::msg)?,
+            },
+        )
+        .await?;
+    println!(
+        "table {}.{} registered (key {}, {}, tenant column {}, mode {})",
+        spec.source_schema,
+        spec.source_table,
+        spec.key_columns.join(","),
+        match spec.capture {
+            Capture::Cursor => format!("cursor {}", spec.cursor_column),
+            Capture::Changelog => "changelog capture".to_string(),
+        },
+        spec.tenant_column,
+        spec.mode
+    );
+    Ok(())
+}
+
+async fn switch(tenant: &str, table: &str, enabled: bool) -> Result<()> {
+    let changed = admin()
+        .await?
+        .set_table_enabled(&cli_actor(), tenant, table, enabled)
+        .await?;
+    println!(
+        "table {table} for tenant {tenant}: {}{}",
+        if enabled { "enabled" } else { "disabled" },
+        if changed { "" } else { " (already)" }
+    );
+    Ok(())
+}
