@@ -197,7 +197,7 @@ pub fn has_pg_text(wire: Wire) -> bool {
 /// Append what `value::text` prints in a session with DateStyle ISO and TimeZone UTC (the
 /// worker's sessions), for the types [`has_pg_text`] accepts: the reader builds a row's key,
 /// cursor and tenant texts from the values it selects anyway instead of asking Postgres to
-/// print them a second time. The texts equal Postgres' (`tests/tests/types.rs`), so they cast
+/// print them a second time. The texts equal Postgres' (`tests/tests/e2e/types.rs`), so they cast
 /// back to the column's type exactly (watermarks) and compare with the tenant's organization
 /// id as before.
 pub fn pg_text(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
