@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tenantsync_lease::{Lease, Leases};
+use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::{ControlPlane, SlicePlan, SourceReader, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -64,13 +65,80 @@ fn beginning() -> DateTime<Utc> {
     DateTime::from_timestamp(-62_135_596_800, 0).expect("0001-01-01 is representable")
 }
 
-/// Scheduling state a leader keeps between ticks.
-#[derive(Default)]
-pub struct Scheduler {
+/// How far change detection has covered each table, and which tables' next scan starts a new
+/// coverage run. Pure state: [`Scheduler::tick`] asks it what to scan and tells it what was
+/// recorded.
+#[derive(Debug, Default)]
+struct Coverage {
     /// Per table: change detection has covered everything below this instant.
     since: HashMap<i64, DateTime<Utc>>,
     /// Tables whose next scan starts a new coverage run (first scan of this leadership).
     restart: std::collections::HashSet<i64>,
+}
+
+/// One scan of a table's changes: `[from, through)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    from: DateTime<Utc>,
+    through: DateTime<Utc>,
+    /// The scan starts a new coverage run at `from` (see `ControlPlane::record_scan`).
+    restart: bool,
+}
+
+impl Coverage {
+    fn is_empty(&self) -> bool {
+        self.since.is_empty()
+    }
+
+    /// A new leader: each table starts where the slowest of its tasks is confirmed (None: a
+    /// task never synced, so from the beginning), and starts a new coverage run.
+    fn start(&mut self, tables: impl IntoIterator<Item = (i64, Option<DateTime<Utc>>)>) {
+        for (table, start) in tables {
+            self.since.insert(table, start.unwrap_or(beginning()));
+            self.restart.insert(table);
+        }
+    }
+
+    /// What to scan of `table` below `horizon`: nothing when the coverage already reaches it.
+    /// A table registered after this leadership began is scanned from the beginning.
+    fn window(&mut self, table: i64, horizon: DateTime<Utc>) -> Option<Window> {
+        let from = match self.since.get(&table) {
+            Some(s) => *s,
+            None => {
+                self.restart.insert(table);
+                beginning()
+            }
+        };
+        (from < horizon).then(|| Window {
+            from,
+            through: horizon,
+            restart: self.restart.contains(&table),
+        })
+    }
+
+    /// The scan `w` of `table` is recorded: the coverage moves to its end. Until then (a
+    /// failed scan is retried next tick) the table's next window starts at the same place and
+    /// still starts a new run if this one was to.
+    fn covered(&mut self, table: i64, w: &Window) {
+        self.restart.remove(&table);
+        self.since.insert(table, w.through);
+    }
+}
+
+/// The due tasks nobody holds a lease on (`leased`, one flag per due task): those to queue. A
+/// leased task is running; queueing it again would only make a worker find it taken.
+fn to_enqueue(due: &[TaskId], leased: &[bool]) -> Vec<(i64, i64)> {
+    due.iter()
+        .zip(leased)
+        .filter(|(_, l)| !**l)
+        .map(|(t, _)| (t.tenant_id, t.table_id))
+        .collect()
+}
+
+/// Scheduling state a leader keeps between ticks.
+#[derive(Default)]
+pub struct Scheduler {
+    coverage: Coverage,
     plans: HashMap<i64, SlicePlan>,
     plans_at: Option<Instant>,
     /// Tables whose last change detection failed (logged once per failing spell).
@@ -117,12 +185,9 @@ impl Scheduler {
                 }
                 r.queries += 2;
             }
-            if self.since.is_empty() {
-                // A new leader starts where the slowest task of each table is confirmed.
-                for (table, start) in deps.control.change_detection_start().await? {
-                    self.since.insert(table, start.unwrap_or(beginning()));
-                    self.restart.insert(table);
-                }
+            if self.coverage.is_empty() {
+                self.coverage
+                    .start(deps.control.change_detection_start().await?);
                 r.queries += 1;
             }
             self.plans_at = Some(Instant::now());
@@ -160,12 +225,7 @@ impl Scheduler {
         r.due = due.len();
         let pairs: Vec<(i64, i64)> = due.iter().map(|t| (t.tenant_id, t.table_id)).collect();
         let leased = deps.leases.leased(&pairs).await?;
-        let free: Vec<(i64, i64)> = pairs
-            .into_iter()
-            .zip(leased)
-            .filter(|(_, l)| !l)
-            .map(|(p, _)| p)
-            .collect();
+        let free = to_enqueue(&due, &leased);
         r.queued = deps.leases.enqueue(&free, cfg.shards).await?;
         r.took = t0.elapsed();
         Ok(r)
@@ -181,34 +241,25 @@ impl Scheduler {
         deps: &Deps,
         r: &mut TickReport,
     ) -> Result<(), TickError> {
-        let since = match self.since.get(&table_id) {
-            Some(s) => *s,
-            None => {
-                // A table registered after this leadership began.
-                self.restart.insert(table_id);
-                beginning()
-            }
-        };
-        if since >= horizon {
+        let Some(w) = self.coverage.window(table_id, horizon) else {
             return Ok(());
-        }
-        let changed = deps.source.changed_tenants(plan, since, horizon).await?;
+        };
+        let changed = deps.source.changed_tenants(plan, w.from, w.through).await?;
         r.queries += 1;
         if !changed.is_empty() {
             r.changed_tasks += deps
                 .control
-                .mark_changed(table_id, &changed, horizon)
+                .mark_changed(table_id, &changed, w.through)
                 .await?;
             r.queries += 1;
         }
         // Only after the changes are marked: a reader must never see the coverage extended
         // over a change whose task is not yet known to have one.
-        let restart = self.restart.remove(&table_id);
         deps.control
-            .record_scan(table_id, since, horizon, restart)
+            .record_scan(table_id, w.from, w.through, w.restart)
             .await?;
         r.queries += 1;
-        self.since.insert(table_id, horizon);
+        self.coverage.covered(table_id, &w);
         Ok(())
     }
 }
@@ -404,5 +455,100 @@ async fn prune_run_log(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn a_new_leader_scans_each_table_from_its_slowest_task_in_a_new_run() {
+        let mut c = Coverage::default();
+        assert!(c.is_empty());
+        c.start([(1, Some(at(10))), (2, None)]);
+        assert!(!c.is_empty());
+        let w = c.window(1, at(20)).unwrap();
+        assert_eq!(
+            w,
+            Window {
+                from: at(10),
+                through: at(20),
+                restart: true
+            }
+        );
+        // A task that never synced: everything is a change.
+        assert_eq!(c.window(2, at(20)).unwrap().from, beginning());
+        c.covered(1, &w);
+        // The next scan continues the run where the last one ended.
+        assert_eq!(
+            c.window(1, at(30)),
+            Some(Window {
+                from: at(20),
+                through: at(30),
+                restart: false
+            })
+        );
+    }
+
+    #[test]
+    fn nothing_is_scanned_until_the_horizon_passes_the_coverage() {
+        let mut c = Coverage::default();
+        c.start([(1, Some(at(10)))]);
+        assert_eq!(c.window(1, at(10)), None);
+        assert_eq!(c.window(1, at(5)), None);
+        let w = c.window(1, at(11)).unwrap();
+        c.covered(1, &w);
+        // A horizon that went back (another Postgres clock after a failover) scans nothing.
+        assert_eq!(c.window(1, at(9)), None);
+    }
+
+    #[test]
+    fn a_failed_scan_is_retried_from_the_same_place_in_the_same_run() {
+        let mut c = Coverage::default();
+        c.start([(1, Some(at(10)))]);
+        let w = c.window(1, at(20)).unwrap();
+        // Not recorded (its statement failed): the next window is wider, and still restarts.
+        assert_eq!(
+            c.window(1, at(25)),
+            Some(Window {
+                from: at(10),
+                through: at(25),
+                restart: true
+            })
+        );
+        assert!(w.restart);
+    }
+
+    #[test]
+    fn a_table_registered_during_a_leadership_starts_from_the_beginning() {
+        let mut c = Coverage::default();
+        c.start([(1, Some(at(10)))]);
+        let w = c.window(7, at(20)).unwrap();
+        assert_eq!((w.from, w.restart), (beginning(), true));
+        c.covered(7, &w);
+        assert_eq!(
+            c.window(7, at(21)).map(|w| (w.from, w.restart)),
+            Some((at(20), false))
+        );
+    }
+
+    #[test]
+    fn only_due_tasks_nobody_leases_are_queued() {
+        let t = |tenant_id, table_id| TaskId {
+            tenant_id,
+            table_id,
+        };
+        let due = [t(1, 1), t(1, 2), t(2, 1), t(3, 3)];
+        assert_eq!(
+            to_enqueue(&due, &[false, true, false, true]),
+            [(1, 1), (2, 1)]
+        );
+        assert!(to_enqueue(&due, &[true; 4]).is_empty());
+        assert_eq!(to_enqueue(&due, &[false; 4]).len(), 4);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod dead_letters;
+mod finish;
 pub mod tasks;
 
 use crate::error::{Result, StoreError};

@@ -121,10 +121,6 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
-fn interval_ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 impl ControlPlane {
     /// Tasks that are due: tenant active, table enabled for it, next run in the past. One query
     /// however many tenants exist.
@@ -141,14 +137,7 @@ impl ControlPlane {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TaskId {
-                    tenant_id: r.try_get(0)?,
-                    table_id: r.try_get(1)?,
-                })
-            })
-            .collect()
+        rows.iter().map(task_from_row).collect()
     }
 
     /// Every task that should be synced (tenant active, table enabled), scheduled or not.
@@ -163,21 +152,15 @@ impl ControlPlane {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TaskId {
-                    tenant_id: r.try_get(0)?,
-                    table_id: r.try_get(1)?,
-                })
-            })
-            .collect()
+        rows.iter().map(task_from_row).collect()
     }
 
     /// Per table, the oldest `synced_through` of its schedulable tasks: where a new leader's
     /// change detection starts (None: some task never synced; it is due anyway).
     pub async fn change_detection_start(&self) -> Result<Vec<(i64, Option<DateTime<Utc>>)>> {
         let rows = sqlx::query(
-            "SELECT ts.id, min(s.synced_through) FILTER (WHERE s.synced_through IS NOT NULL)
+            "SELECT ts.id AS table_id,
+                    min(s.synced_through) FILTER (WHERE s.synced_through IS NOT NULL) AS since
              FROM table_specs ts
              LEFT JOIN sync_state s ON s.table_id = ts.id AND s.enabled
              WHERE ts.enabled
@@ -186,7 +169,7 @@ impl ControlPlane {
         .fetch_all(self.pool())
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .map(|r| Ok((r.try_get("table_id")?, r.try_get("since")?)))
             .collect()
     }
 
@@ -326,115 +309,6 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The end of a slice in one statement and transaction: the progress, conditional on the
-    /// fencing token (the watermark only moves forward: callers pass the last acknowledged row
-    /// of a slice read after the claimed one); the task's compaction turn when `compact_every`
-    /// is given and the turn is due; and the run log entry (`run.outcome`, or `fenced` when the
-    /// progress was refused).
-    pub async fn finish_slice(
-        &self,
-        claim: &Claim,
-        p: &Progress,
-        run: &RunRecord,
-        compact_every: Option<Duration>,
-    ) -> Result<Finish> {
-        let req = FinishRequest {
-            claim: claim.clone(),
-            progress: p.clone(),
-            run: run.clone(),
-            compact_every,
-        };
-        Ok(self.finish_slices(std::slice::from_ref(&req)).await?[0])
-    }
-
-    /// [`Self::finish_slice`] for several tasks (each at most once) in one statement and
-    /// transaction: one result per request, in order.
-    pub async fn finish_slices(&self, reqs: &[FinishRequest]) -> Result<Vec<Finish>> {
-        let n = reqs.len();
-        let mut tenant = Vec::with_capacity(n);
-        let mut table = Vec::with_capacity(n);
-        let mut token = Vec::with_capacity(n);
-        let mut cursor = Vec::with_capacity(n);
-        let mut key = Vec::with_capacity(n);
-        let mut synced = Vec::with_capacity(n);
-        let mut rows = Vec::with_capacity(n);
-        let mut next = Vec::with_capacity(n);
-        let mut error = Vec::with_capacity(n);
-        let mut rerun = Vec::with_capacity(n);
-        let mut batches = Vec::with_capacity(n);
-        let mut compact = Vec::with_capacity(n);
-        let mut worker = Vec::with_capacity(n);
-        let mut started = Vec::with_capacity(n);
-        let mut duration = Vec::with_capacity(n);
-        let mut run_rows = Vec::with_capacity(n);
-        let mut outcome = Vec::with_capacity(n);
-        for r in reqs {
-            let (c, p, run) = (&r.claim, &r.progress, &r.run);
-            tenant.push(c.task.tenant_id);
-            table.push(c.task.table_id);
-            token.push(c.fencing_token);
-            cursor.push(p.watermark.as_ref().and_then(|w| w.cursor.clone()));
-            key.push(p.watermark.as_ref().map(|w| serde_json::json!(w.key)));
-            synced.push(p.synced_through);
-            rows.push(p.rows);
-            next.push(interval_ms(p.next_run_in));
-            error.push(p.error.clone());
-            rerun.push(p.rerun_if_changed_in.map(interval_ms));
-            batches.push(p.batches_visible_through);
-            compact.push(r.compact_every.map(|d| d.as_secs_f64()));
-            worker.push(run.worker.clone());
-            started.push(run.started_at);
-            duration.push(i32::try_from(run.duration.as_millis()).unwrap_or(i32::MAX));
-            run_rows.push(i32::try_from(run.rows).unwrap_or(i32::MAX));
-            outcome.push(run.outcome);
-        }
-        let out = sqlx::query(include_str!("../queries/finish_slice.sql"))
-            .bind(tenant)
-            .bind(table)
-            .bind(token)
-            .bind(cursor)
-            .bind(key)
-            .bind(synced)
-            .bind(rows)
-            .bind(next)
-            .bind(error)
-            .bind(rerun)
-            .bind(batches)
-            .bind(compact)
-            .bind(worker)
-            .bind(started)
-            .bind(duration)
-            .bind(run_rows)
-            .bind(outcome)
-            .fetch_all(self.pool())
-            .await?;
-        let mut found = std::collections::HashMap::with_capacity(out.len());
-        for row in &out {
-            let task = task_from_row(row)?;
-            let committed: bool = row.try_get("committed")?;
-            let finish = Finish {
-                commit: if committed {
-                    Commit::Committed
-                } else {
-                    Commit::Fenced
-                },
-                compact: row.try_get("compact")?,
-                first_turn: row.try_get("first_turn")?,
-            };
-            found.insert(task, finish);
-        }
-        reqs.iter()
-            .map(|r| {
-                found.get(&r.claim.task).copied().ok_or_else(|| {
-                    StoreError::Invalid(format!(
-                        "task {} finished twice in one batch",
-                        r.claim.task
-                    ))
-                })
-            })
-            .collect()
-    }
-
     /// Delete run-log entries of slices that started more than `keep` ago, looking at the
     /// `batch` oldest entries only (a range of the primary key: cheap however long the log
     /// is). Returns how many went; a full `batch` means there may be more. Entries are
@@ -494,7 +368,7 @@ impl ControlPlane {
 }
 
 /// The task a row of a batched statement answers (its `tenant_id` and `table_id`).
-fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<TaskId> {
+pub(super) fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<TaskId> {
     Ok(TaskId {
         tenant_id: row.try_get("tenant_id")?,
         table_id: row.try_get("table_id")?,

@@ -2,23 +2,18 @@
 -- (every parameter is an array with one element per task):
 -- 1. each task's progress, only if its fencing token is still the current one (a holder whose
 --    lease expired matches no row and moves nothing); the watermark only moves forward;
--- 2. the task's compaction turn, when asked for ($12, the interval in seconds) and due: true
+-- 2. the task's compaction turn, when asked for (compact_s, the interval in seconds) and due: true
 --    when the caller should compact now. The turn is recorded up front, so a failed compaction
 --    waits for the next turn; a task's first turn only starts the clock (right after the first
 --    sync there is nothing old to compact) and says so (`first_turn`: the caller does the
 --    cheap part of its periodic work, the check for rows that cannot be synced);
 -- 3. the run log entry, whose outcome is `fenced` when the progress was refused.
--- The rows are locked in key order first (see start_slice.sql). A watermark key travels as a
--- JSON array ($5): keys of different tasks cannot share one two-dimensional text array.
+-- The rows are locked in key order first (see start_slice.sql). The relation `p` holds the
+-- per-task parameters, one column each: control/finish.rs fills in its FROM clause,
+-- `unnest($1::bigint[], ...) AS p(tenant_id, ...)`, from the parameters' list there.
 WITH p AS (
     SELECT *
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[],
-                $6::timestamptz[], $7::bigint[], $8::float8[], $9::text[], $10::float8[],
-                $11::bigint[], $12::float8[], $13::text[], $14::timestamptz[], $15::int[],
-                $16::int[], $17::text[])
-         AS p(tenant_id, table_id, token, wm_cursor, wm_key, synced_through, rows, next_run_ms,
-              error, rerun_ms, batches, compact_s, worker, started_at, duration_ms, run_rows,
-              outcome)
+    FROM {params}
 ), old AS (
     SELECT s.tenant_id, s.table_id, s.compacted_at
     FROM sync_state s
