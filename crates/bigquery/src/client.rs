@@ -2,10 +2,17 @@
 
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
+use crate::schema::{
+    batches_fields, final_fields, latest_view_sql, sync_fields, sync_table, SchemaChange,
+    BATCHES_TABLE,
+};
+use crate::sink::{Sink, TableDef};
+use chrono::{SecondsFormat, Utc};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tenantsync_core::mapping::BqField;
+use tenantsync_core::Mode;
 
 /// Where the API lives: Google, or the local emulator (`BIGQUERY_EMULATOR_HOST`, the variable
 /// Google's own client libraries read).
@@ -55,19 +62,7 @@ impl Endpoint {
     }
 }
 
-/// A rejected row of an insertAll call. `reason` is BigQuery's: `invalid` for the offending
-/// rows, `stopped` for the rows that were fine but not inserted because of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowError {
-    pub index: usize,
-    pub reason: String,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct InsertOutcome {
-    pub row_errors: Vec<RowError>,
-}
+pub use crate::sink::{InsertOutcome, RowError};
 
 /// A client for one tenant: its credentials, its project and dataset.
 #[derive(Clone)]
@@ -360,5 +355,63 @@ impl BigQuery {
             v = self.call(Method::GET, &path, None).await?;
         }
         Ok(out)
+    }
+}
+
+/// The insertAll way of writing a slice.
+impl Sink for BigQuery {
+    fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    async fn ensure_dataset(&self) -> Result<bool, BqError> {
+        BigQuery::ensure_dataset(self).await
+    }
+
+    async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
+        self.create_table(BATCHES_TABLE, &batches_fields()).await?;
+        let change = sync_table(self, def.table, def.fields).await?;
+        if def.mode == Mode::Merge {
+            // Partial versions make a `_latest` view meaningless; `_final` is the merged table.
+            sync_fields(
+                self,
+                &format!("{}_final", def.table),
+                final_fields(def.fields),
+            )
+            .await?;
+        } else {
+            self.put_view(
+                &format!("{}_latest", def.table),
+                &latest_view_sql(self, def.table, def.keys),
+            )
+            .await?;
+        }
+        Ok(change)
+    }
+
+    async fn append(&self, table: &str, rows: &[&str]) -> Result<InsertOutcome, BqError> {
+        self.insert_all(table, rows).await
+    }
+
+    async fn list_batches(
+        &self,
+        table: &str,
+        batch_ids: &[String],
+        rows: i64,
+    ) -> Result<InsertOutcome, BqError> {
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        // The batch id is the insertId: a listing sent twice is one row.
+        let payloads: Vec<String> = batch_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                json!({"insertId": id, "json": {
+                    "batch_id": id, "table_name": table, "committed_at": now,
+                    "rows": (i + 1 == batch_ids.len()).then_some(rows)}})
+                .to_string()
+            })
+            .collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        self.insert_all(BATCHES_TABLE, &refs).await
     }
 }

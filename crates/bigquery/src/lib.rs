@@ -4,10 +4,12 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod schema;
+pub mod sink;
 
 pub use auth::{Credentials, ServiceAccount, TokenUriPolicy};
-pub use client::{BigQuery, Endpoint, InsertOutcome, RowError};
+pub use client::{BigQuery, Endpoint};
 pub use error::{BqError, Retry};
+pub use sink::{InsertOutcome, RowError, Sink, TableDef};
 
 /// Log directives every subscriber must add last: yup-oauth2 prints token responses and cached
 /// tokens at `debug`, and the HTTP stack can print headers at `trace`. Clamping them keeps

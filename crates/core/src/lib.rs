@@ -8,6 +8,7 @@ pub mod mapping;
 pub mod model;
 pub mod names;
 pub mod org_id;
+pub mod retry;
 pub mod wire;
 
 pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus};

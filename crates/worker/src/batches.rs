@@ -1,36 +1,24 @@
 //! Batch visibility: the `_sync_batches` listing that makes a slice's rows visible in the views.
 
+use crate::slice::wait_for_slot;
 use crate::{Worker, WorkerError};
-use chrono::{SecondsFormat, Utc};
-use tenantsync_bigquery::schema::{batches_fields, BATCHES_TABLE};
-use tenantsync_bigquery::{BigQuery, BqError};
+use tenantsync_bigquery::schema::BATCHES_TABLE;
+use tenantsync_bigquery::{BqError, Sink, TableDef};
 use tenantsync_core::Tenant;
 use tokio_util::sync::CancellationToken;
 
 impl Worker {
-    /// List `ids` (the last one is the current slice's, with its row count) as committed.
-    /// Idempotent: the batch id is the insertId, and listing a batch twice changes nothing in
-    /// the views.
-    pub(crate) async fn list_batches(
+    /// List `ids` (the last one is the current slice's, with its row count) as committed
+    /// batches of `def`'s table. Idempotent: the batch id is the insertId, and listing a batch
+    /// twice changes nothing in the views.
+    pub(crate) async fn list_batches<S: Sink>(
         &self,
-        client: &BigQuery,
+        sink: &S,
         tenant: &Tenant,
-        table: &str,
+        def: &TableDef<'_>,
         ids: &[String],
         rows: i64,
     ) -> Result<(), WorkerError> {
-        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-        let payloads: Vec<String> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                serde_json::json!({"insertId": id, "json": {
-                    "batch_id": id, "table_name": table, "committed_at": now,
-                    "rows": (i + 1 == ids.len()).then_some(rows)}})
-                .to_string()
-            })
-            .collect();
-        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
         // A listing is an insertAll request like any other: it takes its slot from the
         // tenant's and the deployment's budgets.
         let never = CancellationToken::new();
@@ -38,9 +26,8 @@ impl Worker {
         loop {
             let r = self
                 .retry_bq("list batch", tenant, || async {
-                    self.wait_for_budget(tenant, refs.len(), &never, &never)
-                        .await?;
-                    Ok(client.insert_all(BATCHES_TABLE, &refs).await?)
+                    wait_for_slot(self, tenant, ids.len(), &never, &never).await?;
+                    Ok(sink.list_batches(def.table, ids, rows).await?)
                 })
                 .await;
             match r {
@@ -55,14 +42,12 @@ impl Worker {
                         )))),
                     };
                 }
-                // The listing table (or the dataset) was deleted behind our back: recreate it
-                // once; the table schema is ensured again by the next slice.
+                // The listing table (or the dataset) was deleted behind our back: recreate
+                // them once.
                 Err(WorkerError::BigQuery(BqError::NotFound(_))) if !recreated => {
                     recreated = true;
-                    client.ensure_dataset().await?;
-                    client
-                        .create_table(BATCHES_TABLE, &batches_fields())
-                        .await?;
+                    sink.ensure_dataset().await?;
+                    sink.ensure_table(def).await?;
                 }
                 Err(e) => return Err(e),
             }

@@ -17,6 +17,16 @@ pub enum WorkerError {
     Isolation(String),
     #[error("{0}")]
     Config(String),
+    /// The slice's lease was lost (taken over, or not renewable): it stops before its next
+    /// request, and its commit will be refused if another worker has claimed the task since.
+    #[error("lease lost; stopping before the next request")]
+    LeaseLost,
+    /// Shutdown began while the slice waited for a rate-limit slot.
+    #[error("shutting down while rate limited")]
+    ShuttingDown,
+    /// A bug, not a condition of the world: a slice task panicked.
+    #[error("slice task failed: {0}")]
+    Internal(#[from] tokio::task::JoinError),
 }
 
 impl WorkerError {
@@ -29,7 +39,9 @@ impl WorkerError {
                 e.retry(),
                 tenantsync_bigquery::Retry::After(_) | tenantsync_bigquery::Retry::AfterFix
             ),
-            _ => false,
+            // Another worker or a later slice carries on.
+            Self::LeaseLost | Self::ShuttingDown => true,
+            Self::Crypto(_) | Self::Isolation(_) | Self::Config(_) | Self::Internal(_) => false,
         }
     }
 }

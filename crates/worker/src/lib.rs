@@ -6,6 +6,7 @@ mod compact;
 mod error;
 pub mod metrics;
 pub mod onboard;
+mod retry;
 mod run;
 mod slice;
 pub mod verify;
@@ -14,7 +15,7 @@ pub use error::WorkerError;
 pub use run::{run, RunMode, RunSummary};
 pub use slice::{CrashPoint, Hooks, NoHooks, SliceOutcome, SliceReport};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_bigquery::Endpoint;
@@ -105,14 +106,12 @@ pub struct Deps {
     pub master_key: Arc<MasterKey>,
 }
 
-/// Per-process caches: a BigQuery client per tenant, a slice plan per table, which tenants'
-/// datasets have been ensured in BigQuery already, and the last horizon.
+/// Per-process caches: a BigQuery client per tenant, a slice plan per table, and the last
+/// horizon.
 #[derive(Default)]
 struct Caches {
     clients: Mutex<HashMap<i64, CachedClient>>,
     plans: Mutex<HashMap<i64, CachedPlan>>,
-    /// Tenants whose dataset this process has ensured.
-    datasets: Mutex<HashSet<i64>>,
     /// When the last horizon query was sent, and its result.
     horizon: Mutex<Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>>,
     /// Claim and commit statements shared by slices that start or end together.

@@ -91,10 +91,13 @@ async fn drain_task(
     while !shutdown.is_cancelled() {
         let report = match w.try_execute_task(task, shutdown).await {
             Ok(r) => r,
-            Err(e) if e.is_retriable() && failures < w.cfg.max_attempts => {
+            Err(e) if e.is_retriable() => {
                 failures += 1;
+                let Some(wait) = once_backoff(w, failures) else {
+                    return Err(e.to_string());
+                };
                 warn!(task = %task, error = %e, "slice failed; retrying");
-                tokio::time::sleep(once_backoff(w, failures)).await;
+                tokio::time::sleep(wait).await;
                 continue;
             }
             Err(e) => return Err(e.to_string()),
@@ -122,22 +125,24 @@ async fn drain_task(
             } => {
                 rows += n as u64;
                 failures += 1;
-                if permanent || failures >= w.cfg.max_attempts {
-                    return Err(error);
-                }
+                let wait = match once_backoff(w, failures) {
+                    Some(wait) if !permanent => wait,
+                    _ => return Err(error),
+                };
                 warn!(task = %task, %error, failures, "slice failed; retrying");
-                tokio::time::sleep(once_backoff(w, failures)).await;
+                tokio::time::sleep(wait).await;
             }
         }
     }
     Ok(Drained { rows, slices })
 }
 
-/// The wait before retrying a failed slice in `--once` mode: the scheduler's task backoff,
-/// capped by `max_backoff`. Uncapped, `max_attempts` failures add up to hours (the task backoff
-/// grows to minutes), and a run meant to finish looks hung.
-fn once_backoff(w: &Worker, failures: u32) -> Duration {
-    crate::slice::task_backoff(failures as i32).min(w.cfg.max_backoff)
+/// The wait before retrying a failed slice in `--once` mode, `None` once `max_attempts` slices
+/// failed: the worker's retry policy with a 1 s base, capped by `max_backoff`. Uncapped, the
+/// waits would add up to hours (the scheduler's task backoff grows to minutes), and a run
+/// meant to finish would look hung.
+fn once_backoff(w: &Worker, failures: u32) -> Option<Duration> {
+    crate::retry::backoff(&w.cfg.retry_policy(), failures)
 }
 
 /// Pull tasks from the Redis shards and run them, at most `concurrency` at once, until
@@ -222,7 +227,7 @@ async fn run_pool(
         };
         tokio::select! {
             Some(done) = set.join_next(), if !set.is_empty() => {
-                let (task, result) = done.map_err(|e| WorkerError::Config(format!("slice task panicked: {e}")))?;
+                let (task, result) = done?;
                 in_flight.remove(&task);
                 summary.slices += 1;
                 match result {

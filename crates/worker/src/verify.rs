@@ -8,7 +8,7 @@
 //! still on their way and are skipped on both sides. Changelog capture has no version column:
 //! presence only, skipping keys with changes still pending in the change table.
 
-use crate::slice::{payload, SendCtx};
+use crate::slice::{force_schema, payload, table_def, SendCtx};
 use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::HashMap;
@@ -231,8 +231,9 @@ impl Worker {
     ) -> Result<usize, WorkerError> {
         let plan = self.plan(spec).await?;
         let client = self.client(tenant).await?;
-        self.retry_bq("sync schema", tenant, || {
-            self.force_schema(&client, spec, &plan)
+        let def = table_def(spec, &plan);
+        self.retry_bq("sync schema", tenant, || async {
+            Ok(force_schema(&*client, &def).await?)
         })
         .await?;
         let horizon = self.deps.source.horizon(self.cfg.cursor_skew).await?;
@@ -330,17 +331,20 @@ impl Worker {
             .collect();
         let sizes: Vec<usize> = payloads.iter().map(String::len).collect();
         let (never, stop) = (CancellationToken::new(), CancellationToken::new());
+        let def = table_def(spec, plan);
         let cx = SendCtx {
-            client,
+            sink: client,
+            control: self,
+            def,
             tenant,
             spec,
-            plan,
             task: TaskId {
                 tenant_id: tenant.id,
                 table_id: spec.id,
             },
             rows: &rows,
             payloads: &payloads,
+            policy: self.cfg.retry_policy(),
             lost: &never,
             shutdown: &stop,
         };
@@ -348,11 +352,11 @@ impl Worker {
         let mut sent = 0;
         for range in chunks {
             let items: Vec<usize> = range.collect();
-            let dead = self.send_chunk(&cx, &items).await?;
+            let dead = cx.send_chunk(&items).await?;
             sent += items.len() - dead;
         }
         // Resent rows are a batch of their own, visible once listed.
-        self.list_batches(client, tenant, &plan.table, &[batch_id], sent as i64)
+        self.list_batches(client, tenant, &def, &[batch_id], sent as i64)
             .await?;
         Ok(sent)
     }

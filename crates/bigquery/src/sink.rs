@@ -1,0 +1,89 @@
+//! The seam between a worker's slice and a tenant's dataset: what a slice asks of BigQuery,
+//! whatever the write method. The insertAll client ([`crate::BigQuery`]) implements it; a
+//! BigQuery Storage Write API client can too: its appends also answer per-row errors, or fail
+//! as a whole with an error that [`BqError`] classifies (retry after a wait, fix and retry,
+//! give up, pause the tenant).
+
+use crate::error::BqError;
+use crate::schema::SchemaChange;
+use std::future::Future;
+use tenantsync_core::mapping::BqField;
+use tenantsync_core::Mode;
+
+/// A refused row of an append. `reason` is BigQuery's: `invalid` (or another cause) for the
+/// offending rows, `stopped` for rows that were fine but not written because others in their
+/// request were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// The row's position in the append's `rows`.
+    pub index: usize,
+    pub reason: String,
+    pub message: String,
+}
+
+impl RowError {
+    /// The row was not at fault: send it again.
+    pub fn is_stopped(&self) -> bool {
+        self.reason == "stopped"
+    }
+}
+
+/// What an append that reached BigQuery did. With no row errors every row is written; with
+/// any, none is: the rows not named as at fault (named `stopped` by insertAll, or not named at
+/// all by a write method that only lists the offenders) must be sent again.
+#[derive(Debug, Clone, Default)]
+pub struct InsertOutcome {
+    pub row_errors: Vec<RowError>,
+}
+
+/// One synced table as a sink keeps it: the table of row versions (source columns plus the
+/// metadata columns the sink adds) and how it is read (`<table>_latest`, or `<table>_final`
+/// in merge mode).
+#[derive(Debug, Clone, Copy)]
+pub struct TableDef<'a> {
+    pub table: &'a str,
+    /// The source columns, mapped.
+    pub fields: &'a [BqField],
+    pub keys: &'a [String],
+    pub mode: Mode,
+}
+
+/// One tenant's dataset, as a slice writes to it.
+///
+/// A row is the text `{"insertId":"…","json":{…}}`: what insertAll sends as it is, and what
+/// the dead-letter table keeps. A sink that writes another way takes the `json` object from it
+/// (its de-duplication may come from elsewhere, stream offsets say, instead of the insertId).
+/// Every method is idempotent, so a caller may repeat one whose answer it did not get.
+pub trait Sink: Send + Sync {
+    /// The dataset's name, for log lines.
+    fn dataset(&self) -> &str;
+
+    /// Create the dataset when missing. Returns whether it was created.
+    fn ensure_dataset(&self) -> impl Future<Output = Result<bool, BqError>> + Send;
+
+    /// Make the table take `def`'s columns (create it, or add the ones it lacks; a column whose
+    /// type changed is `SchemaIncompatible`), make its view or merged table match, and create
+    /// the dataset's batch listing (`_sync_batches`) when missing. The dataset must exist.
+    fn ensure_table(
+        &self,
+        def: &TableDef<'_>,
+    ) -> impl Future<Output = Result<SchemaChange, BqError>> + Send;
+
+    /// Write `rows` to `table` in one request: either every row is written, or the answer
+    /// says which rows were refused (none is written then), or the request failed as a whole.
+    fn append(
+        &self,
+        table: &str,
+        rows: &[&str],
+    ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
+
+    /// List `batch_ids` in `_sync_batches` as committed batches of `table`, the last one with
+    /// `rows` rows: from then on the views show their rows. Listing a batch twice changes
+    /// nothing.
+    fn list_batches(
+        &self,
+        table: &str,
+        batch_ids: &[String],
+        rows: i64,
+    ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
+}

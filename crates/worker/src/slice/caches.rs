@@ -1,0 +1,150 @@
+//! What the slices of one process share: a BigQuery client per tenant, a slice plan per table,
+//! the read horizon.
+
+use crate::{CachedPlan, Worker, WorkerError};
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Instant;
+use tenantsync_bigquery::{BigQuery, Credentials};
+use tenantsync_core::names::{self, TableNames};
+use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_store::SlicePlan;
+use tracing::warn;
+
+impl Worker {
+    /// The tenant's client when the cached one was built from the sealed key whose nonce is
+    /// `nonce` (read by the slice's first statement): a rotated key is used from the next slice
+    /// on, in every worker. Otherwise the key is read and a new client built.
+    pub(crate) async fn client_for(
+        &self,
+        tenant: &Tenant,
+        nonce: Option<&[u8]>,
+    ) -> Result<Arc<BigQuery>, WorkerError> {
+        if let Some((v, c)) = self.caches.clients.lock().await.get(&tenant.id) {
+            if v.as_slice() == nonce.unwrap_or_default() {
+                return Ok(c.clone());
+            }
+        }
+        self.client(tenant).await
+    }
+
+    /// The tenant's client. The sealed key is read (one small query) and its nonce compared
+    /// with the cached client's.
+    pub(crate) async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
+        let sealed = self.deps.control.credentials(tenant.id).await?;
+        let version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
+        let mut clients = self.caches.clients.lock().await;
+        if let Some((v, c)) = clients.get(&tenant.id) {
+            if *v == version {
+                return Ok(c.clone());
+            }
+        }
+        let creds = match sealed {
+            Some(sealed) => {
+                Credentials::ServiceAccount(self.deps.master_key.open(&sealed, tenant.id)?)
+            }
+            None if self.cfg.endpoint.emulator => Credentials::Emulator,
+            None => {
+                return Err(WorkerError::Config(format!(
+                    "tenant {} has no credentials and BIGQUERY_EMULATOR_HOST is not set",
+                    tenant.slug
+                )))
+            }
+        };
+        let c = Arc::new(
+            BigQuery::new(
+                &self.cfg.endpoint,
+                &tenant.bq_project,
+                &tenant.bq_dataset,
+                &creds,
+                self.cfg.request_timeout,
+            )
+            .await?,
+        );
+        clients.insert(tenant.id, (version, c.clone()));
+        Ok(c)
+    }
+
+    /// Drop the cached client of a tenant (after its credentials changed or failed).
+    pub async fn forget_client(&self, tenant_id: i64) {
+        self.caches.clients.lock().await.remove(&tenant_id);
+    }
+
+    /// The slice plan of a table. Built from the catalog once per process and spec, not per
+    /// slice (two catalog queries were a sixth of a slice's statements): every slice read
+    /// compares the catalog's fingerprint with the plan's, and a column added in Postgres
+    /// makes that read fail with `CatalogChanged`, so the slice builds the plan again
+    /// ([`Self::forget_plan`]) before it sends anything.
+    pub(crate) async fn plan(&self, spec: &TableSpec) -> Result<Arc<SlicePlan>, WorkerError> {
+        if let Some(p) = self.caches.plans.lock().await.get(&spec.id) {
+            if p.spec == *spec {
+                return Ok(p.plan.clone());
+            }
+        }
+        // Tables registered before names were checked may share a BigQuery object; the later
+        // one stops with the refusal `tables add` gives now, the earlier one keeps its data.
+        // Names that differ only in case are two tables in a default (case-sensitive)
+        // dataset: those keep syncing, with a warning.
+        let tables = self.deps.control.tables().await?;
+        let earlier: Vec<TableNames<'_>> = tables
+            .iter()
+            .filter(|t| t.id < spec.id)
+            .map(TableNames::of)
+            .collect();
+        // One table at a time (and none, for tenantsync's own names), so a meeting in case
+        // only does not hide a real one behind it.
+        for others in std::iter::once(&[][..]).chain(earlier.chunks(1)) {
+            match names::check_new_table(&TableNames::of(spec), others) {
+                Ok(()) => {}
+                Err(e) if e.is_case_only() => {
+                    warn!(table = %spec.source_table, error = %e, "table names differ only in case")
+                }
+                Err(e) => return Err(WorkerError::Config(e.to_string())),
+            }
+        }
+        let (columns, fingerprint) = self
+            .deps
+            .source
+            .catalog(&spec.source_schema, &spec.source_table)
+            .await?;
+        let plan = SlicePlan::build(spec, &columns)?.with_catalog(fingerprint);
+        let plan = Arc::new(plan);
+        self.caches.plans.lock().await.insert(
+            spec.id,
+            CachedPlan {
+                spec: spec.clone(),
+                plan: plan.clone(),
+            },
+        );
+        Ok(plan)
+    }
+
+    pub(crate) async fn forget_plan(&self, table_id: i64) {
+        self.caches.plans.lock().await.remove(&table_id);
+    }
+
+    /// The read horizon, shared by the slices that start within `horizon_reuse` of one
+    /// another. Reusing an older horizon is safe: every row below it was committed when it
+    /// was computed, so a later read finds them all; rows past it wait for a later slice.
+    /// A cached horizon earlier than `at_least` (the coordinator's detection of the task's
+    /// changes) is not reused: the slice would stop short of the rows it was queued for and
+    /// leave them for its next turn, a sync interval later (about 1 s of lag for a share of
+    /// the rows in the freshness benchmark).
+    pub(crate) async fn horizon(
+        &self,
+        at_least: Option<DateTime<Utc>>,
+    ) -> Result<DateTime<Utc>, WorkerError> {
+        // Held across the query, so slices that start together send one query, not one each.
+        let mut cached = self.caches.horizon.lock().await;
+        if let Some((at, h)) = *cached {
+            if at.elapsed() < self.cfg.horizon_reuse && at_least.is_none_or(|t| h >= t) {
+                return Ok(h);
+            }
+        }
+        // The age counts from before the query: the result is at least that old.
+        let at = Instant::now();
+        let h = self.deps.source.horizon(self.cfg.cursor_skew).await?;
+        *cached = Some((at, h));
+        Ok(h)
+    }
+}

@@ -1,0 +1,422 @@
+//! The slice itself: read its rows page by page (the next page read while this one is sent),
+//! check every row's tenant, send each page, list the batch, and work out what to commit.
+
+use super::payload::payload_from;
+use super::schema::table_def;
+use super::send::SendCtx;
+use super::{CrashPoint, SliceRun};
+use crate::retry::task_backoff;
+use crate::{Worker, WorkerError};
+use chrono::{DateTime, SecondsFormat, Utc};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tenantsync_bigquery::BigQuery;
+use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
+use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// Most rows a slice's first read takes through the read batcher (see [`Worker::next_read`]).
+const SHARED_READ_ROWS: i64 = 200;
+
+/// A page read: each row with its insertAll payload.
+type ReadResult = Result<Vec<(SourceRow, String)>, StoreError>;
+
+/// What every page of one slice shares.
+struct Slice<'a> {
+    tenant: &'a Tenant,
+    spec: &'a TableSpec,
+    claim: &'a Claim,
+    client: &'a BigQuery,
+    horizon: DateTime<Utc>,
+    batch_id: String,
+    synced_at: String,
+    /// Rows in all, and per page.
+    limit: i64,
+    page_rows: i64,
+    /// The slice's time bound.
+    deadline: Instant,
+    lost: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+impl<'a> Slice<'a> {
+    fn page(&self, want: i64) -> PageRead<'_> {
+        PageRead {
+            tenant: self.tenant,
+            batch_id: &self.batch_id,
+            synced_at: &self.synced_at,
+            horizon: self.horizon,
+            want,
+        }
+    }
+}
+
+/// Where a slice's page loop stands, and what it did so far.
+struct Pages {
+    plan: Arc<SlicePlan>,
+    /// The plan was built again once in this slice (the source's columns changed).
+    replanned: bool,
+    /// Where the next read starts.
+    position: Watermark,
+    first: bool,
+    /// The next page, read while the previous one was sent, and how many rows it asked for.
+    prefetched: Option<(i64, ReadResult)>,
+    /// Rows in BigQuery or dead-lettered, and of those dead-lettered.
+    acked: usize,
+    dead: usize,
+    /// The last handled row: the watermark moves just past it.
+    last: Option<SourceRow>,
+    error: Option<WorkerError>,
+    /// Every row below the horizon was read.
+    drained: bool,
+}
+
+/// What the page loop does after a page.
+enum Step {
+    Next,
+    Stop,
+    Crashed,
+}
+
+impl Worker {
+    pub(super) async fn run_slice(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        claim: &Claim,
+        credentials_nonce: Option<&[u8]>,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<SliceRun, WorkerError> {
+        let t0 = Instant::now();
+        let client = self.client_for(tenant, credentials_nonce).await?;
+        let horizon = self.horizon(claim.changed_until).await?;
+        let plan = self.plan(spec).await?;
+        self.ensure_schema(&*client, tenant, spec, &plan, claim)
+            .await?;
+        let limit = i64::from(spec.slice_rows);
+        let s = Slice {
+            tenant,
+            spec,
+            claim,
+            client: &client,
+            horizon,
+            batch_id: format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token),
+            synced_at: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+            limit,
+            // A slice is read and sent in pages: memory is concurrency × page rows × row
+            // size, whatever the slice size (a whole 20,000-row slice held at once made a
+            // worker at concurrency 8 peak above 300 MB). The watermark still moves once, at
+            // the commit.
+            page_rows: limit.min(i64::from(self.cfg.page_rows.max(1))),
+            deadline: t0 + self.cfg.slice_max_duration,
+            lost,
+            shutdown,
+        };
+        let Some(p) = self.send_pages(&s, plan).await? else {
+            return Ok(SliceRun::Crashed);
+        };
+        if let Some(e) = &p.error {
+            self.pause_if_rejected(tenant, e).await?;
+        }
+        if p.dead > 0 {
+            info!(tenant = %tenant.slug, table = %spec.source_table, rows = p.dead, "rows dead-lettered in this slice");
+        }
+        if self.hooks.crash(claim.task, CrashPoint::BeforeCommit) {
+            return Ok(SliceRun::Crashed);
+        }
+        let batches_visible_through = self.list_slice_batches(&s, &p).await?;
+        Ok(SliceRun::Done(
+            self.progress(&s, p, batches_visible_through).await?,
+        ))
+    }
+
+    /// Read and send pages until the slice is full, drained, out of time, stopped by an
+    /// error, or shut down. `None`: a test hook crashed the slice.
+    async fn send_pages(
+        &self,
+        s: &Slice<'_>,
+        plan: Arc<SlicePlan>,
+    ) -> Result<Option<Pages>, WorkerError> {
+        let mut p = Pages {
+            plan,
+            replanned: false,
+            position: s.claim.watermark.clone(),
+            first: true,
+            prefetched: None,
+            acked: 0,
+            dead: 0,
+            last: None,
+            error: None,
+            drained: false,
+        };
+        loop {
+            let (want, read) = self.next_read(s, &mut p).await;
+            let read = match read {
+                Ok(read) => read,
+                // The table's columns changed since the plan was built: build it again from
+                // the catalog (and bring BigQuery's table along) before sending this page.
+                Err(StoreError::CatalogChanged(_)) if !p.replanned => {
+                    debug!(table = %s.spec.source_table, "source columns changed; planning again");
+                    self.forget_plan(s.spec.id).await;
+                    p.replanned = true;
+                    p.plan = self.plan(s.spec).await?;
+                    self.ensure_schema(s.client, s.tenant, s.spec, &p.plan, s.claim)
+                        .await?;
+                    continue;
+                }
+                Err(e) => {
+                    // The next slice reads the catalog again (a dropped table, say, is then
+                    // named as such).
+                    self.forget_plan(s.spec.id).await;
+                    return Err(e.into());
+                }
+            };
+            let (rows, payloads): (Vec<SourceRow>, Vec<String>) = read.into_iter().unzip();
+            check_tenant(s.tenant, s.spec, &rows)?;
+            match self.send_one(s, &mut p, want, &rows, &payloads).await? {
+                Step::Next => {}
+                Step::Stop => return Ok(Some(p)),
+                Step::Crashed => return Ok(None),
+            }
+        }
+    }
+
+    /// The next page: the one prefetched, or a read of its own. The first rows after the
+    /// claimed watermark are read together with other slices that start at the same time (one
+    /// statement per table for all of them): most slices of caught-up tasks are a few rows,
+    /// and their reads were the largest share of Postgres' statements. At most
+    /// `SHARED_READ_ROWS` rows this way (a batch of slices holds them all at once); a slice
+    /// with more reads on from there in pages of its own.
+    async fn next_read(&self, s: &Slice<'_>, p: &mut Pages) -> (i64, ReadResult) {
+        let first = std::mem::replace(&mut p.first, false);
+        if let Some(prefetched) = p.prefetched.take() {
+            return prefetched;
+        }
+        let want = s.page_rows.min(s.limit - p.acked as i64);
+        if first && p.position.cursor.is_some() && SourceReader::reads_groups(&p.plan) {
+            let want = want.min(SHARED_READ_ROWS);
+            return (
+                want,
+                self.read_shared(&p.plan, &p.position, s.page(want)).await,
+            );
+        }
+        (
+            want,
+            self.read_page(&p.plan, &p.position, s.page(want)).await,
+        )
+    }
+
+    /// Send one page. A full page means more may follow: the next one is read while this one
+    /// is sent, so Postgres and insertAll work at the same time instead of taking turns (a
+    /// backfill left a quarter of two cores idle). It is dropped if this page stops the slice;
+    /// memory is at most two pages per slice.
+    async fn send_one(
+        &self,
+        s: &Slice<'_>,
+        p: &mut Pages,
+        want: i64,
+        rows: &[SourceRow],
+        payloads: &[String],
+    ) -> Result<Step, WorkerError> {
+        let cx = SendCtx {
+            sink: s.client,
+            control: self,
+            def: table_def(s.spec, &p.plan),
+            tenant: s.tenant,
+            spec: s.spec,
+            task: s.claim.task,
+            rows,
+            payloads,
+            policy: self.cfg.retry_policy(),
+            lost: s.lost,
+            shutdown: s.shutdown,
+        };
+        let send = cx.send_page(self.cfg.chunk_limits, s.deadline, &*self.hooks);
+        let next_want = s
+            .page_rows
+            .min(s.limit - p.acked as i64 - rows.len() as i64);
+        let next_position = rows.last().map(SourceRow::watermark);
+        let (page, next) = match &next_position {
+            Some(at) if rows.len() as i64 == want && next_want > 0 => {
+                let read = self.read_page(&p.plan, at, s.page(next_want));
+                let (page, next) = tokio::join!(send, read);
+                (page, Some((next_want, next)))
+            }
+            _ => (send.await, None),
+        };
+        let Some(page) = page? else {
+            return Ok(Step::Crashed);
+        };
+        p.acked += page.handled;
+        p.dead += page.dead;
+        if page.handled > 0 {
+            p.last = Some(rows[page.handled - 1].clone());
+        }
+        if page.error.is_some() {
+            p.error = page.error;
+            return Ok(Step::Stop);
+        }
+        if page.handled < rows.len() || p.acked as i64 >= s.limit {
+            return Ok(Step::Stop); // stopped at the time bound or shutdown, or the slice is full
+        }
+        if (rows.len() as i64) < want {
+            p.drained = true;
+            return Ok(Step::Stop);
+        }
+        if let Some(at) = next_position {
+            p.position = at;
+        }
+        p.prefetched = next;
+        Ok(Step::Next)
+    }
+
+    /// List this batch, and the task's earlier batches never listed, in `_sync_batches` before
+    /// the watermark moves: from then on the views show them. Without the listing the rows
+    /// stay invisible, so it must not be skipped for a commit.
+    async fn list_slice_batches(
+        &self,
+        s: &Slice<'_>,
+        p: &Pages,
+    ) -> Result<Option<i64>, WorkerError> {
+        if p.acked == 0 {
+            return Ok(None);
+        }
+        let (claim, tenant, spec) = (s.claim, s.tenant, s.spec);
+        let tokens = (claim.batches_visible_through + 1).max(claim.fencing_token - 999)
+            ..=claim.fencing_token;
+        let ids: Vec<String> = tokens
+            .map(|t| format!("{}-{}-{t}", tenant.id, spec.id))
+            .collect();
+        let def = table_def(spec, &p.plan);
+        self.list_batches(s.client, tenant, &def, &ids, (p.acked - p.dead) as i64)
+            .await?;
+        Ok(Some(claim.fencing_token))
+    }
+
+    /// What the commit records: the watermark just past the last handled row, how far the
+    /// source is confirmed, and when the task should run next.
+    async fn progress(
+        &self,
+        s: &Slice<'_>,
+        p: Pages,
+        batches_visible_through: Option<i64>,
+    ) -> Result<Progress, WorkerError> {
+        // Everything below the horizon is in BigQuery when the slice drained; otherwise only
+        // what precedes the last acknowledged row's cursor is known complete.
+        let synced_through = if p.drained {
+            Some(s.horizon)
+        } else {
+            p.last.as_ref().map(|r| r.cursor_ts)
+        };
+        let more = !p.drained && p.error.is_none();
+        let next_run_in = if more {
+            Duration::ZERO
+        } else if p.error.is_some() {
+            task_backoff(self.deps.control.consecutive_failures(s.claim.task).await? + 1)
+        } else {
+            // Caught up: the coordinator makes the task due again when the tenant changes.
+            self.cfg.idle_recheck
+        };
+        Ok(Progress {
+            watermark: p.last.as_ref().map(SourceRow::watermark),
+            synced_through,
+            // Dead-lettered rows are handled but not synced.
+            rows: p.acked.saturating_sub(p.dead) as i64,
+            rerun_if_changed_in: p
+                .drained
+                .then(|| Duration::from_millis(s.spec.sync_interval_ms.max(0) as u64)),
+            next_run_in,
+            // Stored with the task and the run: text from here on.
+            error: p.error.map(|e| e.to_string()),
+            batches_visible_through,
+        })
+    }
+
+    /// Read one page of a slice after `position`, each row turned into its insertAll payload as
+    /// it arrives and its JSON dropped (holding both doubled the page's memory).
+    async fn read_page(
+        &self,
+        plan: &SlicePlan,
+        position: &Watermark,
+        p: PageRead<'_>,
+    ) -> ReadResult {
+        self.deps
+            .source
+            .read_slice_map(
+                plan,
+                &p.tenant.organization_id,
+                position,
+                p.horizon,
+                p.want,
+                |r| p.with_payload(&plan.table, r),
+            )
+            .await
+    }
+
+    /// [`Self::read_page`] through the worker's read batcher.
+    async fn read_shared(
+        &self,
+        plan: &Arc<SlicePlan>,
+        position: &Watermark,
+        p: PageRead<'_>,
+    ) -> ReadResult {
+        let rows = self
+            .statements()
+            .read(crate::batcher::ReadRequest {
+                plan: plan.clone(),
+                organization_id: p.tenant.organization_id.clone(),
+                watermark: position.clone(),
+                horizon: p.horizon,
+                limit: p.want,
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| p.with_payload(&plan.table, r))
+            .collect())
+    }
+}
+
+/// Second line of tenant isolation: the SQL filtered by tenant; every row is checked again
+/// before it is sent, and one stray row stops the whole slice uncommitted.
+fn check_tenant(tenant: &Tenant, spec: &TableSpec, rows: &[SourceRow]) -> Result<(), WorkerError> {
+    match rows
+        .iter()
+        .find(|r| r.tenant.as_deref() != Some(tenant.organization_id.as_str()))
+    {
+        Some(bad) => Err(WorkerError::Isolation(format!(
+            "row {:?} of {} has tenant {:?}, expected {:?}; nothing more was sent",
+            bad.key, spec.source_table, bad.tenant, tenant.organization_id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What every page read of a slice shares, and the page's size.
+#[derive(Clone, Copy)]
+struct PageRead<'a> {
+    tenant: &'a Tenant,
+    batch_id: &'a str,
+    synced_at: &'a str,
+    horizon: DateTime<Utc>,
+    want: i64,
+}
+
+impl PageRead<'_> {
+    /// A row read for this page, with its insertAll payload built in the row's own JSON buffer.
+    fn with_payload(&self, table: &str, mut r: SourceRow) -> (SourceRow, String) {
+        let json = std::mem::take(&mut r.json);
+        let body = payload_from(
+            self.tenant.id,
+            table,
+            &r,
+            json,
+            self.batch_id,
+            self.synced_at,
+        );
+        (r, body)
+    }
+}

@@ -1,0 +1,55 @@
+//! The dataset, table and views a slice writes to.
+
+use crate::{Worker, WorkerError};
+use tenantsync_bigquery::{BqError, Sink, TableDef};
+use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_store::control::tasks::Claim;
+use tenantsync_store::SlicePlan;
+use tracing::{debug, info};
+
+/// The sink's view of a table: its plan's columns, the spec's keys and mode.
+pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDef<'a> {
+    TableDef {
+        table: &plan.table,
+        fields: &plan.fields,
+        keys: &spec.key_columns,
+        mode: spec.mode,
+    }
+}
+
+/// Dataset, table (with added columns), batch listing, and the view or merged table.
+pub(crate) async fn force_schema<S: Sink>(sink: &S, def: &TableDef<'_>) -> Result<(), BqError> {
+    if sink.ensure_dataset().await? {
+        info!(dataset = sink.dataset(), "created dataset");
+    }
+    let change = sink.ensure_table(def).await?;
+    debug!(table = def.table, ?change, "schema synced");
+    Ok(())
+}
+
+impl Worker {
+    /// [`force_schema`], skipped when the task's stored schema hash matches the plan (no API
+    /// calls at all), and the hash stored once it is done.
+    pub(super) async fn ensure_schema<S: Sink>(
+        &self,
+        sink: &S,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        plan: &SlicePlan,
+        claim: &Claim,
+    ) -> Result<(), WorkerError> {
+        if claim.schema_hash.as_deref() == Some(plan.schema_hash.as_str()) {
+            return Ok(());
+        }
+        let def = table_def(spec, plan);
+        self.retry_bq("sync schema", tenant, || async {
+            Ok(force_schema(sink, &def).await?)
+        })
+        .await?;
+        self.deps
+            .control
+            .set_schema_hash(claim.task, &plan.schema_hash)
+            .await?;
+        Ok(())
+    }
+}
