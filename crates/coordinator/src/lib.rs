@@ -143,7 +143,14 @@ pub struct Scheduler {
     plans_at: Option<Instant>,
     /// Tables whose last change detection failed (logged once per failing spell).
     scan_failing: std::collections::HashSet<i64>,
+    /// When stale `queued` marks were last swept (see `Leases::sweep_queued`).
+    swept_at: Option<Instant>,
 }
+
+/// How often the leader clears `queued` marks that lost their task (a worker that died between
+/// a blocking pop and clearing the mark). Such a task waits this long at most to be queued
+/// again; the sweep reads every queue, so not every tick.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 impl Scheduler {
     /// One tick: detect changes, then queue due tasks. Call only while leading.
@@ -226,6 +233,16 @@ impl Scheduler {
         let pairs: Vec<(i64, i64)> = due.iter().map(|t| (t.tenant_id, t.table_id)).collect();
         let leased = deps.leases.leased(&pairs).await?;
         let free = to_enqueue(&due, &leased);
+        if self.swept_at.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            let forgot = deps.leases.sweep_queued(cfg.shards).await?;
+            if forgot > 0 {
+                warn!(
+                    tasks = forgot,
+                    "queued marks without a queued task cleared; those tasks are queued again"
+                );
+            }
+            self.swept_at = Some(Instant::now());
+        }
         r.queued = deps.leases.enqueue(&free, cfg.shards).await?;
         r.took = t0.elapsed();
         Ok(r)

@@ -17,6 +17,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lu
 pub enum LeaseError {
     #[error("redis unavailable: {0}")]
     Unavailable(#[from] redis::RedisError),
+    #[error("no redis connection to pop tasks with: {0}")]
+    PopPool(#[from] deadpool_redis::PoolError),
 }
 
 impl LeaseError {
@@ -29,6 +31,8 @@ impl LeaseError {
 #[derive(Clone)]
 pub struct Leases {
     conn: ConnectionManager,
+    /// Dedicated connections for blocking pops ([`Leases::pop`]); everything else shares `conn`.
+    pops: deadpool_redis::Pool,
     prefix: String,
 }
 
@@ -57,12 +61,38 @@ pub fn connection_config() -> ConnectionManagerConfig {
         .set_response_timeout(Duration::from_secs(5))
 }
 
+/// The pool of connections blocking pops run on. One worker pops one task at a time (a pop
+/// returns as soon as a task is pushed, and the next one starts right after), so two
+/// connections are enough: the one in use and a spare. Connections are made on first use.
+/// A connection that failed is dropped rather than returned, and one that comes back is
+/// pinged before reuse (deadpool-redis' recycle), so a Redis restart costs one failed pop; the
+/// timeouts bound each step while Redis does not answer, as `connection_config` does for the
+/// shared connection.
+fn pop_pool(url: &str) -> Result<deadpool_redis::Pool, LeaseError> {
+    const POP_CONNECTIONS: usize = 2;
+    let mut pool = deadpool_redis::PoolConfig::new(POP_CONNECTIONS);
+    pool.timeouts.wait = Some(Duration::from_secs(5));
+    pool.timeouts.create = Some(Duration::from_secs(2));
+    pool.timeouts.recycle = Some(Duration::from_secs(2));
+    let mut cfg = deadpool_redis::Config::from_url(url);
+    cfg.pool = Some(pool);
+    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| {
+            LeaseError::Unavailable(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot make the pop pool",
+                e.to_string(),
+            )))
+        })
+}
+
 impl Leases {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, LeaseError> {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new_with_config(client, connection_config()).await?;
         Ok(Self {
             conn,
+            pops: pop_pool(url)?,
             prefix: prefix.to_string(),
         })
     }

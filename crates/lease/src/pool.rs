@@ -4,9 +4,23 @@ use crate::{Lease, LeaseError, Leases};
 use redis::Script;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/enqueue.lua")));
 static DEQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dequeue.lua")));
+static SWEEP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/sweep.lua")));
+
+/// How long one blocking pop waits for a task before it returns None. The wait costs Redis
+/// nothing (a blocked client is woken by the push itself), so this only bounds how long a pop
+/// holds its connection: a shutdown whose `CLIENT UNBLOCK` is refused (an ACL without
+/// `@admin`) waits this long at most.
+pub const POP_BLOCK: Duration = Duration::from_secs(1);
+
+/// How long past its block time a pop waits for Redis' answer before it gives the connection
+/// up. Without it a half-open socket (Redis gone without a RST) would hold the pop forever;
+/// the multiplexed connection has `connection_config`'s response timeout for the same reason.
+const POP_GRACE: Duration = Duration::from_secs(5);
 
 /// A worker counts as live while its last heartbeat is younger than this.
 pub const LIVE_AFTER: Duration = Duration::from_secs(10);
@@ -79,6 +93,129 @@ impl Leases {
         }
         let v: Option<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(v.as_deref().and_then(parse_task_key))
+    }
+
+    /// Wait up to `block` for a task on any shard and pop it, the oldest of the first
+    /// non-empty shard in the order from `start` (the caller rotates `start`, as with
+    /// [`Self::dequeue`], so that every shard gets served). None when nothing came within
+    /// `block`, or when `cancel` fired first: a task popped at that moment goes back to the
+    /// end of the shard it left, still marked queued.
+    ///
+    /// The pop blocks on a dedicated connection from the pop pool (a blocked command would
+    /// stall every other command on the shared multiplexed connection), so a queued task
+    /// reaches an idle worker when it is pushed, not at its next poll.
+    pub async fn pop(
+        &self,
+        shards: u32,
+        start: u32,
+        block: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(i64, i64)>, LeaseError> {
+        let shards = shards.max(1);
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        // A task already queued is taken as before: one script pops and unmarks it atomically,
+        // on the shared connection. Only an empty queue costs a blocking pop.
+        if let Some(task) = self.dequeue(shards, start % shards).await? {
+            return Ok(Some(task));
+        }
+        let mut conn = self.pops.get().await?;
+        // Its id lets a cancelled pop be unblocked from the shared connection.
+        let id: i64 = match redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await {
+            Ok(id) => id,
+            Err(e) => {
+                // Not back to the pool: a connection that failed is likely dead.
+                drop(deadpool_redis::Connection::take(conn));
+                return Err(e.into());
+            }
+        };
+        let mut blmpop = redis::cmd("BLMPOP");
+        blmpop.arg(block.as_secs_f64()).arg(shards);
+        for i in 0..shards {
+            blmpop.arg(self.shard_key((start % shards + i) % shards));
+        }
+        blmpop.arg("RIGHT").arg("COUNT").arg(1);
+        let mut unblocked = false;
+        let answer = {
+            let pop = blmpop.query_async::<Option<(String, Vec<String>)>>(&mut conn);
+            tokio::pin!(pop);
+            let late = tokio::time::sleep(block + POP_GRACE);
+            tokio::pin!(late);
+            loop {
+                tokio::select! {
+                    r = &mut pop => break Some(r),
+                    _ = cancel.cancelled(), if !unblocked => {
+                        unblocked = true;
+                        // The pop then answers nil at once, or the task it got just before.
+                        // Refused or failed, the pop still ends within `block`.
+                        let r = redis::cmd("CLIENT").arg("UNBLOCK").arg(id)
+                            .query_async::<i64>(&mut self.conn.clone()).await;
+                        if let Err(e) = r {
+                            warn!(error = %e, "cannot unblock a cancelled pop; it ends within its block time");
+                        }
+                    }
+                    _ = &mut late => break None,
+                }
+            }
+        };
+        let popped = match answer {
+            Some(Ok(popped)) => popped,
+            Some(Err(e)) => {
+                drop(deadpool_redis::Connection::take(conn));
+                return Err(e.into());
+            }
+            None => {
+                drop(deadpool_redis::Connection::take(conn));
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "no answer to a blocking pop",
+                ))
+                .into());
+            }
+        };
+        drop(conn);
+        let Some((shard, id)) = popped.and_then(|(k, v)| Some((k, v.into_iter().next()?))) else {
+            return Ok(None);
+        };
+        let mut shared = self.conn.clone();
+        if unblocked {
+            // Popped while being cancelled: back to the end it left, so it is next in line;
+            // its `queued` entry was never cleared.
+            let r = redis::cmd("RPUSH")
+                .arg(&shard)
+                .arg(&id)
+                .query_async::<()>(&mut shared)
+                .await;
+            if let Err(e) = r {
+                warn!(task = %id, error = %e, "cannot put back a task popped at shutdown; the coordinator queues it again");
+            }
+            return Ok(None);
+        }
+        // Not atomic with the pop (a blocking command cannot run in a script). If this fails,
+        // or the worker dies first, the entry outlives the task's place on the list and
+        // `enqueue` would skip the task: `sweep_queued` clears such entries.
+        let r = redis::cmd("SREM")
+            .arg(self.queued_key())
+            .arg(&id)
+            .query_async::<()>(&mut shared)
+            .await;
+        if let Err(e) = r {
+            warn!(task = %id, error = %e, "cannot clear a popped task's queued mark; the sweep clears it");
+        }
+        Ok(parse_task_key(&id))
+    }
+
+    /// Forget `queued` marks of tasks that are on no shard list (a pop whose second step
+    /// never ran, see [`Self::pop`]), so that `enqueue` takes them again. Returns how many.
+    pub async fn sweep_queued(&self, shards: u32) -> Result<usize, LeaseError> {
+        let mut inv = SWEEP.prepare_invoke();
+        inv.key(self.queued_key());
+        for s in 0..shards.max(1) {
+            inv.key(self.shard_key(s));
+        }
+        let forgot: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(forgot.len())
     }
 
     /// Queue length per shard.

@@ -184,48 +184,55 @@ async fn run_pool(
     let mut in_flight: HashSet<TaskId> = HashSet::new();
     let mut start = rand::random::<u32>();
     let mut down = false;
+    // At most one pop at a time, and only while a slot is free: at full concurrency no pooled
+    // connection sits blocked. A pop returns as soon as a task is pushed, so one popper keeps
+    // up with the slices (each costs a claim, reads and an insert; a pop is a round trip).
+    let mut pops: JoinSet<Result<Option<(i64, i64)>, tenantsync_lease::LeaseError>> =
+        JoinSet::new();
     loop {
-        while !shutdown.is_cancelled() && in_flight.len() < worker.cfg.concurrency {
+        if pops.is_empty() && !shutdown.is_cancelled() && in_flight.len() < worker.cfg.concurrency {
             start = start.wrapping_add(1);
-            match leases
-                .dequeue(worker.cfg.shards, start % worker.cfg.shards.max(1))
-                .await
-            {
-                Ok(Some((tenant_id, table_id))) => {
-                    down = false;
-                    let task = TaskId {
-                        tenant_id,
-                        table_id,
-                    };
-                    if !in_flight.insert(task) {
-                        continue;
+            let (leases, sd, shards) = (leases.clone(), shutdown.clone(), worker.cfg.shards);
+            let pause = down.then_some(Duration::from_secs(1));
+            pops.spawn(async move {
+                if let Some(pause) = pause {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = sd.cancelled() => return Ok(None),
                     }
-                    let (w, sd) = (worker.clone(), shutdown.clone());
-                    set.spawn(async move { (task, w.try_execute_task(task, &sd).await) });
                 }
-                Ok(None) => {
-                    down = false;
-                    break;
-                }
-                Err(e) => {
-                    // Logged once per outage, not once per poll.
-                    if !down {
-                        warn!(error = %e, "cannot pull tasks; retrying");
-                        down = true;
-                    }
-                    break;
-                }
-            }
+                leases
+                    .pop(shards, start, tenantsync_lease::pool::POP_BLOCK, &sd)
+                    .await
+            });
         }
-        if shutdown.is_cancelled() && set.is_empty() {
+        if shutdown.is_cancelled() && set.is_empty() && pops.is_empty() {
             break;
         }
-        let idle = if down {
-            Duration::from_secs(1)
-        } else {
-            POLL / 4
-        };
         tokio::select! {
+            Some(popped) = pops.join_next(), if !pops.is_empty() => {
+                match popped.map_err(|e| WorkerError::Config(format!("task pop panicked: {e}")))? {
+                    Ok(Some((tenant_id, table_id))) => {
+                        down = false;
+                        let task = TaskId {
+                            tenant_id,
+                            table_id,
+                        };
+                        if in_flight.insert(task) {
+                            let (w, sd) = (worker.clone(), shutdown.clone());
+                            set.spawn(async move { (task, w.try_execute_task(task, &sd).await) });
+                        }
+                    }
+                    Ok(None) => down = false,
+                    Err(e) => {
+                        // Logged once per outage, not once per pop.
+                        if !down {
+                            warn!(error = %e, "cannot pull tasks; retrying");
+                            down = true;
+                        }
+                    }
+                }
+            }
             Some(done) = set.join_next(), if !set.is_empty() => {
                 let (task, result) = done?;
                 in_flight.remove(&task);
@@ -239,7 +246,6 @@ async fn run_pool(
                     Err(e) => warn!(task = %task, error = %e, "slice failed"),
                 }
             }
-            _ = tokio::time::sleep(idle) => {}
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
         }
     }
