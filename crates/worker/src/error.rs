@@ -24,8 +24,8 @@ pub enum WorkerError {
     /// Shutdown began while the slice waited for a rate-limit slot.
     #[error("shutting down while rate limited")]
     ShuttingDown,
-    /// A bug, not a condition of the world: a slice task panicked.
-    #[error("slice task failed: {0}")]
+    /// A bug, not a condition of the world: a slice or task-pop task panicked.
+    #[error("internal task failed: {0}")]
     Internal(#[from] tokio::task::JoinError),
 }
 

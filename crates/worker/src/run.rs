@@ -211,7 +211,7 @@ async fn run_pool(
         }
         tokio::select! {
             Some(popped) = pops.join_next(), if !pops.is_empty() => {
-                match popped.map_err(|e| WorkerError::Config(format!("task pop panicked: {e}")))? {
+                match popped? {
                     Ok(Some((tenant_id, table_id))) => {
                         down = false;
                         let task = TaskId {
