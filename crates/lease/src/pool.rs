@@ -120,6 +120,22 @@ impl Leases {
         if let Some(task) = self.dequeue(shards, start % shards).await? {
             return Ok(Some(task));
         }
+        let Some((shard, id, unblocked)) = self.blocking_pop(shards, start, block, cancel).await?
+        else {
+            return Ok(None);
+        };
+        self.settle_popped(&shard, &id, unblocked).await
+    }
+
+    /// `BLMPOP` over every shard, starting at `start`, on a pooled connection. Returns the
+    /// shard and task id it took, and whether the pop was being cancelled when it did.
+    async fn blocking_pop(
+        &self,
+        shards: u32,
+        start: u32,
+        block: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(String, String, bool)>, LeaseError> {
         let mut conn = self.pops.get().await?;
         // Its id lets a cancelled pop be unblocked from the shared connection.
         let id: i64 = match redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await {
@@ -175,16 +191,26 @@ impl Leases {
             }
         };
         drop(conn);
-        let Some((shard, id)) = popped.and_then(|(k, v)| Some((k, v.into_iter().next()?))) else {
-            return Ok(None);
-        };
+        Ok(popped
+            .and_then(|(k, v)| Some((k, v.into_iter().next()?)))
+            .map(|(shard, id)| (shard, id, unblocked)))
+    }
+
+    /// After a blocking pop: a task taken while cancelled goes back to its shard; otherwise its
+    /// `queued` mark is cleared and the task returned.
+    async fn settle_popped(
+        &self,
+        shard: &str,
+        id: &str,
+        unblocked: bool,
+    ) -> Result<Option<(i64, i64)>, LeaseError> {
         let mut shared = self.conn.clone();
         if unblocked {
             // Popped while being cancelled: back to the end it left, so it is next in line;
             // its `queued` entry was never cleared.
             let r = redis::cmd("RPUSH")
-                .arg(&shard)
-                .arg(&id)
+                .arg(shard)
+                .arg(id)
                 .query_async::<()>(&mut shared)
                 .await;
             if let Err(e) = r {
@@ -197,13 +223,13 @@ impl Leases {
         // `enqueue` would skip the task: `sweep_queued` clears such entries.
         let r = redis::cmd("SREM")
             .arg(self.queued_key())
-            .arg(&id)
+            .arg(id)
             .query_async::<()>(&mut shared)
             .await;
         if let Err(e) = r {
             warn!(task = %id, error = %e, "cannot clear a popped task's queued mark; the sweep clears it");
         }
-        Ok(parse_task_key(&id))
+        Ok(parse_task_key(id))
     }
 
     /// Forget `queued` marks of tasks that are on no shard list (a pop whose second step

@@ -145,6 +145,35 @@ fn once_backoff(w: &Worker, failures: u32) -> Option<Duration> {
     crate::retry::backoff(&w.cfg.retry_policy(), failures)
 }
 
+/// Keep this worker in the pool's membership every 2 s until `stop`; an outage is logged once.
+fn spawn_heartbeat(
+    leases: tenantsync_lease::Leases,
+    id: String,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut down = false;
+        while !stop.is_cancelled() {
+            match leases.heartbeat(&id).await {
+                Ok(()) if down => {
+                    info!("redis reachable again");
+                    down = false;
+                }
+                Ok(()) => {}
+                Err(e) if !down => {
+                    warn!(error = %e, "heartbeat failed; retrying");
+                    down = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    })
+}
+
 /// Pull tasks from the Redis shards and run them, at most `concurrency` at once, until
 /// `shutdown`; then finish the slices in flight (each stops after its current chunk, commits
 /// what was acknowledged and releases its lease) and leave the membership.
@@ -154,30 +183,7 @@ async fn run_pool(
 ) -> Result<RunSummary, WorkerError> {
     let leases = worker.deps.leases.clone();
     let id = worker.cfg.worker_id.clone();
-    let heartbeat = {
-        let (leases, id, stop) = (leases.clone(), id.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut down = false;
-            while !stop.is_cancelled() {
-                match leases.heartbeat(&id).await {
-                    Ok(()) if down => {
-                        info!("redis reachable again");
-                        down = false;
-                    }
-                    Ok(()) => {}
-                    Err(e) if !down => {
-                        warn!(error = %e, "heartbeat failed; retrying");
-                        down = true;
-                    }
-                    Err(_) => {}
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.cancelled() => {}
-                }
-            }
-        })
-    };
+    let heartbeat = spawn_heartbeat(leases.clone(), id.clone(), shutdown.clone());
     info!(worker = %id, concurrency = worker.cfg.concurrency, "worker joined the pool");
     let mut summary = RunSummary::default();
     let mut set: JoinSet<(TaskId, Result<crate::SliceReport, WorkerError>)> = JoinSet::new();
