@@ -171,8 +171,8 @@ impl Admin {
         enabled: bool,
     ) -> Result<bool> {
         let t = self.control.tenant(slug).await?;
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-        let spec = self.control.table_by_name(schema, name).await?;
+        let (schema, name) = onboarding::split_table(table);
+        let spec = self.control.table_by_name(&schema, &name).await?;
         let changed = self
             .control
             .set_task_enabled(
