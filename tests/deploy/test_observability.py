@@ -20,8 +20,8 @@ CONTRACT = {
     "tenantsync_sync_backlog_rows": ("gauge", {"tenant", "table"}),
     "tenantsync_sync_rows_total": ("counter", {"tenant", "table"}),
     "tenantsync_sync_slices_total": ("counter", {"outcome"}),
-    "tenantsync_bigquery_insert_requests_total": ("counter", {"outcome"}),
-    "tenantsync_bigquery_insert_duration_seconds": ("histogram", set()),
+    "tenantsync_bigquery_insert_requests_total": ("counter", {"outcome", "method"}),
+    "tenantsync_bigquery_insert_duration_seconds": ("histogram", {"method"}),
     "tenantsync_control_batch_tasks": ("histogram", set()),
     "tenantsync_ratelimit_wait_seconds_total": ("counter", {"tenant"}),
     "tenantsync_lease_acquired_total": ("counter", set()),
@@ -149,7 +149,7 @@ def test_fleet_overview_panels():
     joined = "\n".join(exprs)
     assert any(e.startswith("topk(") and "tenantsync_sync_lag_seconds" in e for e in exprs)
     assert "rate(tenantsync_sync_rows_total[5m])" in joined
-    assert any("by (outcome)" in e and "tenantsync_bigquery_insert_requests_total" in e
+    assert any("by (method, outcome)" in e and "tenantsync_bigquery_insert_requests_total" in e
                for e in exprs)
     for metric in ("tenantsync_workers_live", "tenantsync_queue_depth",
                    "tenantsync_coordinator_is_leader", "tenantsync_tenants", "tenantsync_dlq_rows"):

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod grpc_faults;
 pub mod http;
 pub mod interleave;
 pub mod sink;
@@ -148,10 +149,16 @@ impl TestEnv {
         Ok(Self {
             master_key: Arc::new(MasterKey::from_base64(&master_key_b64)?),
             master_key_b64,
-            endpoint: Endpoint::emulator(&var("BIGQUERY_EMULATOR_HOST")).with_token_uri_policy(
-                tenantsync_bigquery::TokenUriPolicy::allowing(TEST_TOKEN_HOSTS)
-                    .map_err(anyhow::Error::msg)?,
-            ),
+            endpoint: Endpoint::emulator(&var("BIGQUERY_EMULATOR_HOST"))
+                .with_storage_emulator(
+                    std::env::var("BIGQUERY_STORAGE_EMULATOR_HOST")
+                        .ok()
+                        .as_deref(),
+                )
+                .with_token_uri_policy(
+                    tenantsync_bigquery::TokenUriPolicy::allowing(TEST_TOKEN_HOSTS)
+                        .map_err(anyhow::Error::msg)?,
+                ),
             project: std::env::var("BIGQUERY_PROJECT")
                 .unwrap_or_else(|_| "tenantsync-local".into()),
             id,
@@ -186,6 +193,11 @@ impl TestEnv {
         c.lease_ttl = Duration::from_secs(5);
         c.request_timeout = Duration::from_secs(20);
         c.concurrency = 4;
+        // `TENANTSYNC_WRITE_API=storage scripts/run-tests …` runs the same properties through
+        // the Storage Write API (scripts/run-tests does so for the modules that prove them).
+        if let Ok(w) = std::env::var("TENANTSYNC_WRITE_API") {
+            c.write_api = w.parse().expect("TENANTSYNC_WRITE_API");
+        }
         c
     }
 

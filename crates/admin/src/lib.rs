@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::crypto::MasterKey;
-use tenantsync_core::{Tenant, TenantStatus};
+use tenantsync_core::{TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Leases;
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::{ControlPlane, SourceReader};
@@ -195,6 +195,29 @@ impl Admin {
         )
         .await?;
         Ok(changed)
+    }
+
+    /// Set a table's write method for every tenant (`None`: the deployment's default). Takes
+    /// effect at each task's next slice; a slice under way finishes with the method it began
+    /// with (its batch is committed either way).
+    pub async fn set_write_api(
+        &self,
+        actor: &str,
+        table: &str,
+        write_api: Option<tenantsync_core::WriteApi>,
+    ) -> Result<TableSpec> {
+        let (schema, name) = onboarding::split_table(table);
+        let mut spec = self.control.table_by_name(&schema, &name).await?;
+        self.control.set_write_api(spec.id, write_api).await?;
+        spec.write_api = write_api;
+        self.audit(
+            actor,
+            "table.write_api",
+            Some(&format!("{schema}.{name}")),
+            serde_json::json!({"write_api": write_api.map(|w| w.as_str())}),
+        )
+        .await?;
+        Ok(spec)
     }
 
     /// Replace a tenant's key after checking it works (see `onboard::rotate_credentials`).

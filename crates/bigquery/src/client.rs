@@ -19,6 +19,10 @@ use tenantsync_core::Mode;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub base_url: String,
+    /// The Storage Write API's gRPC endpoint: Google's, the local BigQuery's gRPC port
+    /// (`BIGQUERY_STORAGE_EMULATOR_HOST`), or none (an emulator run without it: tables set to
+    /// `--write-api storage` then fail with an error saying so).
+    pub storage_url: Option<String>,
     pub emulator: bool,
     /// Token endpoints service-account keys may name. Emulator mode does not widen it: a key
     /// is a customer's file wherever the API is.
@@ -29,6 +33,7 @@ impl Endpoint {
     pub fn google() -> Self {
         Self {
             base_url: "https://bigquery.googleapis.com/bigquery/v2".into(),
+            storage_url: Some(crate::storage::GOOGLE_STORAGE_URL.into()),
             emulator: false,
             token_uri_policy: TokenUriPolicy::google_only(),
         }
@@ -43,6 +48,7 @@ impl Endpoint {
         };
         Self {
             base_url: format!("{base}/bigquery/v2"),
+            storage_url: None,
             emulator: true,
             token_uri_policy: TokenUriPolicy::google_only(),
         }
@@ -53,6 +59,19 @@ impl Endpoint {
             Some(h) if !h.is_empty() => Self::emulator(h),
             _ => Self::google(),
         }
+    }
+
+    /// The same endpoint writing through the local BigQuery's gRPC port at `host` (`host:port`
+    /// or a URL), when given. Google's endpoint keeps its own.
+    pub fn with_storage_emulator(mut self, host: Option<&str>) -> Self {
+        if let Some(h) = host.filter(|h| !h.is_empty()) {
+            self.storage_url = Some(if h.contains("://") {
+                h.trim_end_matches('/').to_string()
+            } else {
+                format!("http://{h}")
+            });
+        }
+        self
     }
 
     /// The same endpoint with another token endpoint policy.
@@ -119,6 +138,10 @@ impl BigQuery {
 
     pub fn dataset(&self) -> &str {
         &self.dataset
+    }
+
+    pub(crate) fn tokens(&self) -> &TokenSource {
+        &self.tokens
     }
 
     /// `project.dataset.table` quoted for Standard SQL.
@@ -364,6 +387,10 @@ impl Sink for BigQuery {
         &self.dataset
     }
 
+    fn write_api(&self) -> tenantsync_core::WriteApi {
+        tenantsync_core::WriteApi::InsertAll
+    }
+
     async fn ensure_dataset(&self) -> Result<bool, BqError> {
         BigQuery::ensure_dataset(self).await
     }
@@ -389,7 +416,13 @@ impl Sink for BigQuery {
         Ok(change)
     }
 
-    async fn append(&self, table: &str, rows: &[&str]) -> Result<InsertOutcome, BqError> {
+    async fn append(
+        &self,
+        table: &str,
+        _batch_id: &str,
+        rows: &[&str],
+    ) -> Result<InsertOutcome, BqError> {
+        // The insertIds de-duplicate a repeated request; each row names its batch itself.
         self.insert_all(table, rows).await
     }
 

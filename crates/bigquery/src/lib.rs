@@ -5,11 +5,13 @@ pub mod client;
 pub mod error;
 pub mod schema;
 pub mod sink;
+pub mod storage;
 
 pub use auth::{Credentials, ServiceAccount, TokenUriPolicy};
 pub use client::{BigQuery, Endpoint};
 pub use error::{BqError, Retry};
-pub use sink::{InsertOutcome, RowError, Sink, TableDef};
+pub use sink::{InsertOutcome, RowError, Sink, TableDef, WriteSink};
+pub use storage::StorageSink;
 
 /// Log directives every subscriber must add last: yup-oauth2 prints token responses and cached
 /// tokens at `debug`, and the HTTP stack can print headers at `trace`. Clamping them keeps

@@ -31,12 +31,16 @@ pub fn batches_fields() -> Vec<BqField> {
     ]
 }
 
-/// The versions of committed batches, as a subquery.
+/// The versions of committed batches, as a subquery: insertAll batches once listed in
+/// `_sync_batches`, Storage Write batches (ids starting with
+/// [`tenantsync_core::names::STORAGE_BATCH_PREFIX`]) as they are: their rows exist only once
+/// their pending stream was committed.
 fn committed(client: &BigQuery, table: &str) -> String {
     format!(
-        "(SELECT * FROM {} WHERE _batch_id IN (SELECT batch_id FROM {}))",
+        "(SELECT * FROM {} WHERE _batch_id IN (SELECT batch_id FROM {}) OR _batch_id LIKE '{}%')",
         client.qualified(table),
-        client.qualified(BATCHES_TABLE)
+        client.qualified(BATCHES_TABLE),
+        tenantsync_core::names::STORAGE_BATCH_PREFIX
     )
 }
 

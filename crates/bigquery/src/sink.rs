@@ -6,9 +6,11 @@
 
 use crate::error::BqError;
 use crate::schema::SchemaChange;
+use crate::{BigQuery, StorageSink};
 use std::future::Future;
+use std::sync::Arc;
 use tenantsync_core::mapping::BqField;
-use tenantsync_core::Mode;
+use tenantsync_core::{Mode, WriteApi};
 
 /// A refused row of an append. `reason` is BigQuery's: `invalid` (or another cause) for the
 /// offending rows, `stopped` for rows that were fine but not written because others in their
@@ -58,6 +60,9 @@ pub trait Sink: Send + Sync {
     /// The dataset's name, for log lines.
     fn dataset(&self) -> &str;
 
+    /// How this sink writes (a label of the append metrics).
+    fn write_api(&self) -> WriteApi;
+
     /// Create the dataset when missing. Returns whether it was created.
     fn ensure_dataset(&self) -> impl Future<Output = Result<bool, BqError>> + Send;
 
@@ -69,21 +74,85 @@ pub trait Sink: Send + Sync {
         def: &TableDef<'_>,
     ) -> impl Future<Output = Result<SchemaChange, BqError>> + Send;
 
-    /// Write `rows` to `table` in one request: either every row is written, or the answer
-    /// says which rows were refused (none is written then), or the request failed as a whole.
+    /// Write `rows` to `table` in one request, as part of the slice's batch `batch_id`:
+    /// either every row is written, or the answer says which rows were refused (none is
+    /// written then), or the request failed as a whole. A write method may keep the batch's
+    /// rows invisible until [`Sink::list_batches`] names it.
     fn append(
         &self,
         table: &str,
+        batch_id: &str,
         rows: &[&str],
     ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
 
-    /// List `batch_ids` in `_sync_batches` as committed batches of `table`, the last one with
-    /// `rows` rows: from then on the views show their rows. Listing a batch twice changes
-    /// nothing.
+    /// List `batch_ids` in `_sync_batches` as committed batches of `table`, the last one (the
+    /// slice's own, whose appended rows a write method commits first) with `rows` rows: from
+    /// then on the views show their rows. Listing a batch twice changes nothing.
     fn list_batches(
         &self,
         table: &str,
         batch_ids: &[String],
         rows: i64,
     ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
+}
+
+/// A table's sink, by its write method: what a slice holds.
+#[derive(Clone)]
+pub enum WriteSink {
+    InsertAll(Arc<BigQuery>),
+    Storage(Arc<StorageSink>),
+}
+
+impl Sink for WriteSink {
+    fn write_api(&self) -> WriteApi {
+        match self {
+            Self::InsertAll(_) => WriteApi::InsertAll,
+            Self::Storage(_) => WriteApi::Storage,
+        }
+    }
+
+    fn dataset(&self) -> &str {
+        match self {
+            Self::InsertAll(s) => Sink::dataset(&**s),
+            Self::Storage(s) => Sink::dataset(&**s),
+        }
+    }
+
+    async fn ensure_dataset(&self) -> Result<bool, BqError> {
+        match self {
+            Self::InsertAll(s) => Sink::ensure_dataset(&**s).await,
+            Self::Storage(s) => s.ensure_dataset().await,
+        }
+    }
+
+    async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
+        match self {
+            Self::InsertAll(s) => Sink::ensure_table(&**s, def).await,
+            Self::Storage(s) => s.ensure_table(def).await,
+        }
+    }
+
+    async fn append(
+        &self,
+        table: &str,
+        batch_id: &str,
+        rows: &[&str],
+    ) -> Result<InsertOutcome, BqError> {
+        match self {
+            Self::InsertAll(s) => s.append(table, batch_id, rows).await,
+            Self::Storage(s) => s.append(table, batch_id, rows).await,
+        }
+    }
+
+    async fn list_batches(
+        &self,
+        table: &str,
+        batch_ids: &[String],
+        rows: i64,
+    ) -> Result<InsertOutcome, BqError> {
+        match self {
+            Self::InsertAll(s) => s.list_batches(table, batch_ids, rows).await,
+            Self::Storage(s) => s.list_batches(table, batch_ids, rows).await,
+        }
+    }
 }

@@ -11,4 +11,4 @@ pub mod org_id;
 pub mod retry;
 pub mod wire;
 
-pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus};
+pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus, WriteApi};

@@ -138,6 +138,45 @@ pub struct Tenant {
     pub max_rows_per_s: Option<f64>,
 }
 
+/// How rows reach a tenant's tables (docs/architecture.md, "Write methods").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteApi {
+    /// `tabledata.insertAll`: at-least-once rows, made visible by the batch listing.
+    #[default]
+    InsertAll,
+    /// The Storage Write API: a pending stream per batch, appended at offsets (exactly once)
+    /// and committed at once.
+    Storage,
+}
+
+impl WriteApi {
+    pub const ALL: [WriteApi; 2] = [Self::InsertAll, Self::Storage];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsertAll => "insert-all",
+            Self::Storage => "storage",
+        }
+    }
+}
+
+impl fmt::Display for WriteApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for WriteApi {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.as_str() == s)
+            .ok_or_else(|| format!("unknown write method {s:?} (expected insert-all or storage)"))
+    }
+}
+
 /// A source table and how to sync it; the same spec applies to every tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TableSpec {
@@ -155,6 +194,8 @@ pub struct TableSpec {
     /// are sent as deletes. Cursor mode sees no hard delete.
     pub soft_delete_column: Option<String>,
     pub capture: Capture,
+    /// The table's write method; `None`: the deployment's default (`TENANTSYNC_WRITE_API`).
+    pub write_api: Option<WriteApi>,
 }
 
 impl TableSpec {

@@ -27,6 +27,10 @@ pub const BQ_COLUMN_MAX: usize = 300;
 
 /// The dataset's list of committed batches (see `tenantsync_bigquery::schema`).
 pub const BATCHES_TABLE: &str = "_sync_batches";
+/// First character of the `_batch_id` of a batch written through the Storage Write API. Such
+/// a batch is visible from its pending stream's commit on, with no listing in
+/// [`BATCHES_TABLE`]; insertAll batch ids start with a digit (the tenant id).
+pub const STORAGE_BATCH_PREFIX: &str = "w";
 /// Tables tenantsync keeps in every dataset besides the synced ones.
 pub const INTERNAL_TABLES: &[&str] = &[BATCHES_TABLE];
 /// `<table>_latest`: the view of latest and history mode.

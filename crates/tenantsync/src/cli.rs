@@ -278,6 +278,17 @@ pub enum TablesCmd {
     Enable(TableSwitch),
     /// Stop syncing a table for one tenant (other tenants are not affected).
     Disable(TableSwitch),
+    /// Set how a table's rows are written, for every tenant: `insert-all`, `storage` (the
+    /// Storage Write API), or `default` (TENANTSYNC_WRITE_API, else insert-all).
+    WriteApi(TablesWriteApi),
+}
+
+#[derive(Debug, Args)]
+pub struct TablesWriteApi {
+    /// Table name, or `schema.name` outside public.
+    pub table: String,
+    #[arg(value_parser = ["insert-all", "storage", "default"])]
+    pub method: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,6 +368,10 @@ pub struct TablesAdd {
     /// are sent as deletes and leave `<table>_latest`.
     #[arg(long)]
     pub soft_delete: Option<String>,
+    /// How rows are written: tabledata.insertAll, or the Storage Write API (exactly-once
+    /// appends to a pending stream per slice). Default: TENANTSYNC_WRITE_API, else insert-all.
+    #[arg(long, value_parser = ["insert-all", "storage"])]
+    pub write_api: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,7 @@ pub fn endpoint() -> Result<Endpoint> {
     };
     Ok(
         Endpoint::from_env_value(var("BIGQUERY_EMULATOR_HOST").as_deref())
+            .with_storage_emulator(var("BIGQUERY_STORAGE_EMULATOR_HOST").as_deref())
             .with_token_uri_policy(policy),
     )
 }
@@ -169,6 +170,12 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         c.compact_window.as_secs(),
     )?);
     c.page_rows = parsed("TENANTSYNC_PAGE_ROWS", c.page_rows)?.max(1);
+    c.write_api = match var("TENANTSYNC_WRITE_API") {
+        None => c.write_api,
+        Some(w) => w
+            .parse()
+            .map_err(|e| anyhow!("TENANTSYNC_WRITE_API is not valid: {e}"))?,
+    };
     c.merge_every =
         Duration::from_secs(parsed("TENANTSYNC_MERGE_EVERY_S", c.merge_every.as_secs())?);
     c.compact_every = Duration::from_secs(parsed(

@@ -69,6 +69,8 @@ pub struct WorkerConfig {
     /// memory is about concurrency × 2 pages × row size (32 tenants backfilling at once at the
     /// defaults: 85 MB peak RSS in the throughput benchmark).
     pub page_rows: i32,
+    /// Write method of tables that name none (`TENANTSYNC_WRITE_API`).
+    pub write_api: tenantsync_core::WriteApi,
 }
 
 impl WorkerConfig {
@@ -93,6 +95,7 @@ impl WorkerConfig {
             compact_every: Duration::from_secs(3600),
             merge_every: Duration::from_secs(300),
             page_rows: 1000,
+            write_api: Default::default(),
         }
     }
 }
@@ -111,6 +114,11 @@ pub struct Deps {
 #[derive(Default)]
 struct Caches {
     clients: Mutex<HashMap<i64, CachedClient>>,
+    /// Per tenant, its Storage Write sink, built on the tenant's cached client.
+    storage: Mutex<HashMap<i64, Arc<tenantsync_bigquery::StorageSink>>>,
+    /// The process's one channel to the Storage Write endpoint (every tenant's calls carry
+    /// their own token).
+    channel: std::sync::OnceLock<tonic::transport::Channel>,
     plans: Mutex<HashMap<i64, CachedPlan>>,
     /// When the last horizon query was sent, and its result.
     horizon: Mutex<Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>>,

@@ -4,6 +4,7 @@
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
+use tenantsync_core::WriteApi;
 
 pub const SYNC_ROWS: &str = "tenantsync_sync_rows_total";
 pub const SYNC_SLICES: &str = "tenantsync_sync_slices_total";
@@ -50,9 +51,13 @@ pub fn describe() {
     describe_counter!(
         INSERT_REQUESTS,
         Unit::Count,
-        "insertAll requests, by outcome"
+        "Append requests (insertAll, or Storage Write AppendRows), by write method and outcome"
     );
-    describe_histogram!(INSERT_DURATION, Unit::Seconds, "insertAll request latency");
+    describe_histogram!(
+        INSERT_DURATION,
+        Unit::Seconds,
+        "Append request latency, by write method"
+    );
     describe_histogram!(
         CONTROL_BATCH,
         Unit::Count,
@@ -78,7 +83,9 @@ pub fn describe() {
         counter!(SYNC_SLICES, "outcome" => o).absolute(0);
     }
     for o in INSERT_OUTCOMES {
-        counter!(INSERT_REQUESTS, "outcome" => o).absolute(0);
+        for m in WriteApi::ALL {
+            counter!(INSERT_REQUESTS, "outcome" => o, "method" => m.as_str()).absolute(0);
+        }
     }
     counter!(LEASE_ACQUIRED).absolute(0);
     counter!(LEASE_LOST).absolute(0);
@@ -102,9 +109,10 @@ pub(crate) fn slice(outcome: &'static str) {
     counter!(SYNC_SLICES, "outcome" => outcome).increment(1);
 }
 
-pub(crate) fn insert(outcome: &'static str, seconds: f64) {
-    counter!(INSERT_REQUESTS, "outcome" => outcome).increment(1);
-    histogram!(INSERT_DURATION).record(seconds);
+/// One append request (insertAll or AppendRows): `method` is the write method's name.
+pub(crate) fn insert(method: &'static str, outcome: &'static str, seconds: f64) {
+    counter!(INSERT_REQUESTS, "outcome" => outcome, "method" => method).increment(1);
+    histogram!(INSERT_DURATION, "method" => method).record(seconds);
 }
 
 pub(crate) fn statement_batch(tasks: usize) {

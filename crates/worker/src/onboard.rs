@@ -267,6 +267,7 @@ pub async fn add_table(
         slice_rows: spec.slice_rows,
         soft_delete_column: spec.soft_delete_column.clone(),
         capture: spec.capture,
+        write_api: None,
     };
     SlicePlan::build(&probe, &columns)?;
     // Every tenant onboarded so far must be readable through this table's tenant column: an

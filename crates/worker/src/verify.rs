@@ -336,6 +336,7 @@ impl Worker {
             sink: client,
             control: self,
             def,
+            batch_id: &batch_id,
             tenant,
             spec,
             task: TaskId {

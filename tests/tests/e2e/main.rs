@@ -22,6 +22,7 @@ mod pool;
 mod prometheus;
 mod ratelimit;
 mod schema;
+mod storage;
 mod sync;
 mod types;
 mod verify;

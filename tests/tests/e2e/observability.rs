@@ -51,7 +51,7 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
     assert!(
         sample(
             &text,
-            "tenantsync_bigquery_insert_requests_total{outcome=\"ok\"}"
+            "tenantsync_bigquery_insert_requests_total{outcome=\"ok\",method=\"insert-all\"}"
         )
         .unwrap()
             >= 2.0
@@ -59,12 +59,14 @@ async fn metrics_health_and_readiness_are_served_and_lag_rises_without_workers()
     assert_eq!(
         sample(
             &text,
-            "tenantsync_bigquery_insert_requests_total{outcome=\"quota_exceeded\"}"
+            "tenantsync_bigquery_insert_requests_total{outcome=\"quota_exceeded\",method=\"insert-all\"}"
         ),
         Some(0.0)
     );
     assert!(
-        text.contains("tenantsync_bigquery_insert_duration_seconds_bucket{le=\"0.1\"}"),
+        text.contains(
+            "tenantsync_bigquery_insert_duration_seconds_bucket{method=\"insert-all\",le=\"0.1\"}"
+        ),
         "histogram missing"
     );
     // Batch sizes are bucketed (not the exporter's default summary) so the dashboard can

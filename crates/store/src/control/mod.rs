@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tenantsync_core::crypto::Sealed;
-use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
+use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus, WriteApi};
 
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
@@ -65,6 +65,8 @@ pub struct StatusRow {
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub consecutive_failures: i32,
+    /// The table's write method, `None` when it follows the deployment's default.
+    pub write_api: Option<String>,
 }
 
 const TENANT_COLUMNS: &str =
@@ -108,6 +110,11 @@ fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<T
         slice_rows: r.try_get("slice_rows")?,
         soft_delete_column: r.try_get("soft_delete_column")?,
         capture: capture.parse().map_err(StoreError::Invalid)?,
+        write_api: r
+            .try_get::<Option<String>, _>("write_api")?
+            .map(|w| w.parse())
+            .transpose()
+            .map_err(StoreError::Invalid)?,
     })
 }
 
@@ -393,6 +400,16 @@ impl ControlPlane {
         Ok(spec)
     }
 
+    /// Set (or clear, for the deployment's default) a table's write method.
+    pub async fn set_write_api(&self, table_id: i64, w: Option<WriteApi>) -> Result<()> {
+        sqlx::query("UPDATE table_specs SET write_api = $2 WHERE id = $1")
+            .bind(table_id)
+            .bind(w.map(WriteApi::as_str))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Name (or clear) the column that marks a table's rows deleted.
     pub async fn set_soft_delete_column(&self, table_id: i64, column: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE table_specs SET soft_delete_column = $2 WHERE id = $1")
@@ -450,7 +467,7 @@ impl ControlPlane {
                              AND s.synced_through >= cs.scanned_from
                              AND s.synced_through >= coalesce(s.changed_until, '-infinity'),
                              false) AS caught_up,
-                    s.last_success_at, s.last_error, s.consecutive_failures
+                    s.last_success_at, s.last_error, s.consecutive_failures, ts.write_api
              FROM sync_state s
              JOIN tenants tn ON tn.id = s.tenant_id
              JOIN table_specs ts ON ts.id = s.table_id
@@ -485,6 +502,7 @@ impl ControlPlane {
                     last_success_at: r.try_get("last_success_at")?,
                     last_error: r.try_get("last_error")?,
                     consecutive_failures: r.try_get("consecutive_failures")?,
+                    write_api: r.try_get("write_api")?,
                 })
             })
             .collect()

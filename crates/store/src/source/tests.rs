@@ -32,6 +32,7 @@ fn plan(capture: Capture) -> SlicePlan {
         slice_rows: 100,
         soft_delete_column: None,
         capture,
+        write_api: None,
     };
     let columns = [
         column("id", "int8", "bigint"),
@@ -108,6 +109,7 @@ fn spec(capture: Capture, keys: &[&str], cursor: &str, soft_delete: Option<&str>
         slice_rows: 100,
         soft_delete_column: soft_delete.map(Into::into),
         capture,
+        write_api: None,
     }
 }
 

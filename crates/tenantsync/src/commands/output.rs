@@ -54,6 +54,18 @@ pub(crate) fn clip(s: Option<&str>, n: usize) -> String {
     s.unwrap_or_default().chars().take(n).collect()
 }
 
+/// A table's write method: its own, or the deployment's default (as this process reads
+/// `TENANTSYNC_WRITE_API`, which the workers should share).
+fn write_api(own: Option<&str>) -> String {
+    match own {
+        Some(w) => w.to_string(),
+        None => format!(
+            "{} (default)",
+            std::env::var("TENANTSYNC_WRITE_API").unwrap_or_else(|_| "insert-all".into())
+        ),
+    }
+}
+
 /// Per tenant and table: state, watermark, lag, progress and ETA, last error.
 pub(crate) fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
     print_list(
@@ -63,6 +75,7 @@ pub(crate) fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
             "TENANT",
             "STATUS",
             "TABLE",
+            "WRITE API",
             "ON",
             "ROWS",
             "WATERMARK",
@@ -90,6 +103,7 @@ pub(crate) fn print_tasks(json: bool, rows: &[TaskStatus]) -> Result<()> {
                 r.tenant.clone(),
                 r.tenant_status.clone(),
                 r.table.clone(),
+                write_api(r.write_api.as_deref()),
                 if t.enabled { "yes" } else { "no" }.into(),
                 r.rows_synced.to_string(),
                 r.watermark.clone().unwrap_or_else(|| "-".into()),

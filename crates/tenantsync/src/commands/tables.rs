@@ -5,7 +5,7 @@ use crate::cli::{TablesAdd, TablesCmd};
 use anyhow::Result;
 use std::process::ExitCode;
 use tenantsync_admin::cli_actor;
-use tenantsync_core::{Capture, TableSpec};
+use tenantsync_core::{Capture, TableSpec, WriteApi};
 use tenantsync_store::control::NewTableSpec;
 
 pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
@@ -22,6 +22,7 @@ pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
                     "CAPTURE",
                     "TENANT COLUMN",
                     "MODE",
+                    "WRITE API",
                     "ENABLED",
                 ],
                 |s| {
@@ -31,6 +32,8 @@ pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
                         capture(s),
                         s.tenant_column.clone(),
                         s.mode.to_string(),
+                        s.write_api
+                            .map_or_else(|| "default".to_string(), |w| w.to_string()),
                         s.enabled.to_string(),
                     ]
                 },
@@ -38,6 +41,17 @@ pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
         }
         TablesCmd::Enable(s) => switch(&s.tenant, &s.table, true).await?,
         TablesCmd::Disable(s) => switch(&s.tenant, &s.table, false).await?,
+        TablesCmd::WriteApi(w) => {
+            let method = match w.method.as_str() {
+                "default" => None,
+                m => Some(m.parse().map_err(anyhow::Error::msg)?),
+            };
+            admin()
+                .await?
+                .set_write_api(&cli_actor(), &w.table, method)
+                .await?;
+            println!("table {}: write api {}", w.table, w.method);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -50,8 +64,14 @@ fn capture(s: &TableSpec) -> String {
 }
 
 async fn add(a: TablesAdd) -> Result<()> {
-    let spec = admin_with_source()
-        .await?
+    let write_api: Option<WriteApi> = a
+        .write_api
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let admin = admin_with_source().await?;
+    let mut spec = admin
         .add_table(
             &cli_actor(),
             NewTableSpec {
@@ -68,8 +88,12 @@ async fn add(a: TablesAdd) -> Result<()> {
             },
         )
         .await?;
+    if let Some(w) = write_api {
+        let name = format!("{}.{}", spec.source_schema, spec.source_table);
+        spec = admin.set_write_api(&cli_actor(), &name, Some(w)).await?;
+    }
     println!(
-        "table {}.{} registered (key {}, {}, tenant column {}, mode {})",
+        "table {}.{} registered (key {}, {}, tenant column {}, mode {}, write api {})",
         spec.source_schema,
         spec.source_table,
         spec.key_columns.join(","),
@@ -78,7 +102,9 @@ async fn add(a: TablesAdd) -> Result<()> {
             Capture::Changelog => "changelog capture".to_string(),
         },
         spec.tenant_column,
-        spec.mode
+        spec.mode,
+        spec.write_api
+            .map_or_else(|| "default".to_string(), |w| w.to_string())
     );
     Ok(())
 }

@@ -5,9 +5,9 @@ use crate::{CachedPlan, Worker, WorkerError};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Instant;
-use tenantsync_bigquery::{BigQuery, Credentials};
+use tenantsync_bigquery::{BigQuery, Credentials, StorageSink, WriteSink};
 use tenantsync_core::names::{self, TableNames};
-use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_core::{TableSpec, Tenant, WriteApi};
 use tenantsync_store::SlicePlan;
 use tracing::warn;
 
@@ -63,6 +63,52 @@ impl Worker {
         );
         clients.insert(tenant.id, (version, c.clone()));
         Ok(c)
+    }
+
+    /// The sink of `spec`'s write method for `tenant`, on its current client.
+    pub(crate) async fn sink_for(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        nonce: Option<&[u8]>,
+    ) -> Result<WriteSink, WorkerError> {
+        let client = self.client_for(tenant, nonce).await?;
+        match spec.write_api.unwrap_or(self.cfg.write_api) {
+            WriteApi::InsertAll => Ok(WriteSink::InsertAll(client)),
+            WriteApi::Storage => Ok(WriteSink::Storage(self.storage_sink(tenant, client).await?)),
+        }
+    }
+
+    /// The tenant's Storage Write sink: cached while it is built on the tenant's current
+    /// client (it keeps the encoders of the tenant's tables and its slices' open streams).
+    async fn storage_sink(
+        &self,
+        tenant: &Tenant,
+        client: Arc<BigQuery>,
+    ) -> Result<Arc<StorageSink>, WorkerError> {
+        let mut sinks = self.caches.storage.lock().await;
+        if let Some(s) = sinks.get(&tenant.id) {
+            if Arc::ptr_eq(s.rest(), &client) {
+                return Ok(s.clone());
+            }
+        }
+        let channel = match self.caches.channel.get() {
+            Some(c) => c.clone(),
+            None => {
+                let url = self.cfg.endpoint.storage_url.as_deref().ok_or_else(|| {
+                    WorkerError::Config(
+                        "a table writes through the Storage Write API, but no endpoint is set \
+                         for it (BIGQUERY_STORAGE_EMULATOR_HOST next to BIGQUERY_EMULATOR_HOST)"
+                            .into(),
+                    )
+                })?;
+                let c = tenantsync_bigquery::storage::channel(url, self.cfg.request_timeout)?;
+                self.caches.channel.get_or_init(|| c).clone()
+            }
+        };
+        let sink = Arc::new(StorageSink::new(client, channel));
+        sinks.insert(tenant.id, sink.clone());
+        Ok(sink)
     }
 
     /// Drop the cached client of a tenant (after its credentials changed or failed).

@@ -10,8 +10,8 @@ use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tenantsync_bigquery::BigQuery;
-use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_bigquery::{Sink, WriteSink};
+use tenantsync_core::{TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ struct Slice<'a> {
     tenant: &'a Tenant,
     spec: &'a TableSpec,
     claim: &'a Claim,
-    client: &'a BigQuery,
+    sink: &'a WriteSink,
     horizon: DateTime<Utc>,
     batch_id: String,
     synced_at: String,
@@ -91,19 +91,19 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<SliceRun, WorkerError> {
         let t0 = Instant::now();
-        let client = self.client_for(tenant, credentials_nonce).await?;
+        let sink = self.sink_for(tenant, spec, credentials_nonce).await?;
         let horizon = self.horizon(claim.changed_until).await?;
         let plan = self.plan(spec).await?;
-        self.ensure_schema(&*client, tenant, spec, &plan, claim)
+        self.ensure_schema(&sink, tenant, spec, &plan, claim)
             .await?;
         let limit = i64::from(spec.slice_rows);
         let s = Slice {
             tenant,
             spec,
             claim,
-            client: &client,
+            sink: &sink,
             horizon,
-            batch_id: format!("{}-{}-{}", tenant.id, spec.id, claim.fencing_token),
+            batch_id: batch_id(&sink, tenant, spec, claim),
             synced_at: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
             limit,
             // A slice is read and sent in pages: memory is concurrency × page rows × row
@@ -163,7 +163,7 @@ impl Worker {
                     self.forget_plan(s.spec.id).await;
                     p.replanned = true;
                     p.plan = self.plan(s.spec).await?;
-                    self.ensure_schema(s.client, s.tenant, s.spec, &p.plan, s.claim)
+                    self.ensure_schema(s.sink, s.tenant, s.spec, &p.plan, s.claim)
                         .await?;
                     continue;
                 }
@@ -222,9 +222,10 @@ impl Worker {
         payloads: &[String],
     ) -> Result<Step, WorkerError> {
         let cx = SendCtx {
-            sink: s.client,
+            sink: s.sink,
             control: self,
             def: table_def(s.spec, &p.plan),
+            batch_id: &s.batch_id,
             tenant: s.tenant,
             spec: s.spec,
             task: s.claim.task,
@@ -285,13 +286,28 @@ impl Worker {
             return Ok(None);
         }
         let (claim, tenant, spec) = (s.claim, s.tenant, s.spec);
+        if s.sink.write_api() == WriteApi::Storage {
+            // Committing the pending stream is all it takes; a listing after it would be a
+            // second step a failure could separate from the first (measured: the fault test
+            // doubled a slice's rows that way; docs/architecture.md, "Write methods").
+            let def = table_def(spec, &p.plan);
+            self.list_batches(
+                s.sink,
+                tenant,
+                &def,
+                std::slice::from_ref(&s.batch_id),
+                (p.acked - p.dead) as i64,
+            )
+            .await?;
+            return Ok(Some(claim.fencing_token));
+        }
         let tokens = (claim.batches_visible_through + 1).max(claim.fencing_token - 999)
             ..=claim.fencing_token;
         let ids: Vec<String> = tokens
             .map(|t| format!("{}-{}-{t}", tenant.id, spec.id))
             .collect();
         let def = table_def(spec, &p.plan);
-        self.list_batches(s.client, tenant, &def, &ids, (p.acked - p.dead) as i64)
+        self.list_batches(s.sink, tenant, &def, &ids, (p.acked - p.dead) as i64)
             .await?;
         Ok(Some(claim.fencing_token))
     }
@@ -378,6 +394,16 @@ impl Worker {
             .map(|r| p.with_payload(&plan.table, r))
             .collect())
     }
+}
+
+/// The slice's batch id. Storage Write batches carry their prefix: the views show them without
+/// a listing (their pending stream's commit is their visibility point).
+fn batch_id(sink: &WriteSink, tenant: &Tenant, spec: &TableSpec, claim: &Claim) -> String {
+    let prefix = match sink.write_api() {
+        WriteApi::Storage => tenantsync_core::names::STORAGE_BATCH_PREFIX,
+        WriteApi::InsertAll => "",
+    };
+    format!("{prefix}{}-{}-{}", tenant.id, spec.id, claim.fencing_token)
 }
 
 /// Second line of tenant isolation: the SQL filtered by tenant; every row is checked again

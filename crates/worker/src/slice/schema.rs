@@ -27,6 +27,10 @@ pub(crate) async fn force_schema<S: Sink>(sink: &S, def: &TableDef<'_>) -> Resul
     Ok(())
 }
 
+/// Version of the view SQL (`tenantsync_bigquery::schema`): 2 shows Storage Write batches
+/// without a listing.
+const VIEWS_VERSION: &str = "views2";
+
 impl Worker {
     /// [`force_schema`], skipped when the task's stored schema hash matches the plan (no API
     /// calls at all), and the hash stored once it is done.
@@ -38,7 +42,10 @@ impl Worker {
         plan: &SlicePlan,
         claim: &Claim,
     ) -> Result<(), WorkerError> {
-        if claim.schema_hash.as_deref() == Some(plan.schema_hash.as_str()) {
+        // The stored hash also names the views' definition, so a release that changes it
+        // brings every table's views along at its next slice.
+        let hash = format!("{}/{VIEWS_VERSION}", plan.schema_hash);
+        if claim.schema_hash.as_deref() == Some(hash.as_str()) {
             return Ok(());
         }
         let def = table_def(spec, plan);
@@ -46,10 +53,7 @@ impl Worker {
             Ok(force_schema(sink, &def).await?)
         })
         .await?;
-        self.deps
-            .control
-            .set_schema_hash(claim.task, &plan.schema_hash)
-            .await?;
+        self.deps.control.set_schema_hash(claim.task, &hash).await?;
         Ok(())
     }
 }

@@ -45,6 +45,8 @@ pub(crate) struct SendCtx<'a, S, C> {
     pub(crate) sink: &'a S,
     pub(crate) control: &'a C,
     pub(crate) def: TableDef<'a>,
+    /// The slice's batch: the rows' `_batch_id`, and the unit a write method commits.
+    pub(crate) batch_id: &'a str,
     pub(crate) tenant: &'a Tenant,
     pub(crate) spec: &'a TableSpec,
     pub(crate) task: TaskId,
@@ -147,15 +149,16 @@ impl<S: Sink, C: SendControl> SendCtx<'_, S, C> {
             self.wait_for_slot(items.len()).await?;
             let body: Vec<&str> = items.iter().map(|&i| self.payloads[i].as_str()).collect();
             let t0 = Instant::now();
-            let result = self.sink.append(self.def.table, &body).await;
+            let result = self.sink.append(self.def.table, self.batch_id, &body).await;
             let secs = t0.elapsed().as_secs_f64();
+            let method = self.sink.write_api().as_str();
             let e = match result {
                 Ok(out) if out.row_errors.is_empty() => {
-                    crate::metrics::insert("ok", secs);
+                    crate::metrics::insert(method, "ok", secs);
                     return Ok(0);
                 }
                 Ok(out) => {
-                    crate::metrics::insert("invalid", secs);
+                    crate::metrics::insert(method, "invalid", secs);
                     let refused = refused_rows(&out, items.len());
                     let drift = refused.iter().any(|e| e.message.contains("no such field"));
                     if refused.is_empty() || (drift && failures == 0) {
@@ -172,7 +175,7 @@ impl<S: Sink, C: SendControl> SendCtx<'_, S, C> {
                 }
                 Err(e) => e,
             };
-            crate::metrics::insert(e.label(), secs);
+            crate::metrics::insert(method, e.label(), secs);
             if matches!(e, BqError::Invalid(_) | BqError::TooLarge(_)) {
                 return self.split_or_dead_letter(items, e).await;
             }
@@ -368,7 +371,7 @@ impl Worker {
         let spec = self.deps.control.table(d.table_id).await?;
         let client = self.client(&tenant).await?;
         let out = client
-            .append(&spec.bq_table(), &[d.payload.as_str()])
+            .append(&spec.bq_table(), "dead-letter", &[d.payload.as_str()])
             .await?;
         match out.row_errors.first() {
             None => Ok(()),

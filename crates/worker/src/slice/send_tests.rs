@@ -59,6 +59,7 @@ impl Fixture {
                 slice_rows: 5000,
                 soft_delete_column: None,
                 capture: Capture::Cursor,
+                write_api: None,
             },
             rows,
             payloads,
@@ -78,6 +79,7 @@ impl Fixture {
                 keys: &self.keys,
                 mode: Mode::Latest,
             },
+            batch_id: "1-1-1",
             tenant: &self.tenant,
             spec: &self.spec,
             task: TaskId {

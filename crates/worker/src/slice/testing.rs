@@ -113,6 +113,10 @@ impl MemorySink {
 }
 
 impl Sink for MemorySink {
+    fn write_api(&self) -> tenantsync_core::WriteApi {
+        tenantsync_core::WriteApi::InsertAll
+    }
+
     fn dataset(&self) -> &str {
         "memory"
     }
@@ -127,7 +131,12 @@ impl Sink for MemorySink {
         Ok(SchemaChange::Unchanged)
     }
 
-    async fn append(&self, _table: &str, rows: &[&str]) -> Result<InsertOutcome, BqError> {
+    async fn append(
+        &self,
+        _table: &str,
+        _batch_id: &str,
+        rows: &[&str],
+    ) -> Result<InsertOutcome, BqError> {
         self.answer(rows)
     }
 

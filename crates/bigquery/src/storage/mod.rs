@@ -1,0 +1,314 @@
+//! The Storage Write API way of writing a slice (`--write-api storage`).
+//!
+//! A slice's batch is one pending stream per table schema (usually one): its chunks are
+//! appended at explicit offsets, and the stream is finalized (its row count checked against
+//! what was appended) and committed when the slice lists its batch. The commit is the
+//! visibility point: a slice that dies before it leaves nothing in the table, and an append
+//! repeated after its answer was lost finds its offset written (`ALREADY_EXISTS`) instead of
+//! writing the rows twice. Nothing goes into `_sync_batches`: the views show batches whose id
+//! starts with `w` as they are, so there is no second step a failure could separate from the
+//! commit.
+//!
+//! Tables, views and the dataset are created through the REST client (the Storage Write API
+//! has no DDL).
+
+mod encode;
+pub mod grpc;
+
+pub use encode::RowEncoder;
+pub use grpc::{channel, GOOGLE_STORAGE_URL};
+
+use crate::client::BigQuery;
+use crate::error::BqError;
+use crate::schema::{table_fields, SchemaChange};
+use crate::sink::{InsertOutcome, RowError, Sink, TableDef};
+use grpc::{Appended, WriteClient};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tenantsync_core::mapping::{BqField, BqType, FieldMode};
+use tonic::transport::Channel;
+
+/// A batch's streams: the one being appended to (name, next offset), and the ones finalized
+/// because the table's schema changed under them. All are committed together.
+#[derive(Debug, Default)]
+struct Batch {
+    table: String,
+    open: Option<(String, i64)>,
+    finalized: Vec<String>,
+    started: Option<Instant>,
+    /// Why this batch can never be committed (its stream does not hold what was appended).
+    poisoned: Option<String>,
+    /// Committed; kept until the listing is written, so a listing retried after a failure
+    /// does not find the batch gone.
+    committed: bool,
+}
+
+/// Batches never committed (their slice failed or died) are forgotten after this long; their
+/// pending streams are never committed, so their rows never appear.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
+/// One tenant's dataset, written through the Storage Write API.
+pub struct StorageSink {
+    rest: Arc<BigQuery>,
+    write: WriteClient,
+    /// Per table: the row encoder of its current schema.
+    encoders: Mutex<HashMap<String, Arc<RowEncoder>>>,
+    /// Per batch id: its streams. A batch is one slice, so its appends come one at a time.
+    batches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Batch>>>>,
+}
+
+impl StorageSink {
+    /// `rest` is the tenant's REST client (its token source is shared); `channel` the
+    /// process's channel to the Storage Write endpoint.
+    pub fn new(rest: Arc<BigQuery>, channel: Channel) -> Self {
+        let write = WriteClient::new(channel, rest.tokens().clone());
+        Self {
+            rest,
+            write,
+            encoders: Mutex::default(),
+            batches: Mutex::default(),
+        }
+    }
+
+    /// The REST client this sink was built on.
+    pub fn rest(&self) -> &Arc<BigQuery> {
+        &self.rest
+    }
+
+    fn table_path(&self, table: &str) -> String {
+        format!(
+            "projects/{}/datasets/{}/tables/{table}",
+            self.rest.project(),
+            self.rest.dataset()
+        )
+    }
+
+    /// The encoder of `table`'s current schema: cached, or built from the table's schema as
+    /// BigQuery has it (a process that did not create the table).
+    async fn encoder(&self, table: &str) -> Result<Arc<RowEncoder>, BqError> {
+        if let Some(e) = self.encoders.lock().expect("encoders").get(table) {
+            return Ok(e.clone());
+        }
+        let schema = self
+            .rest
+            .table_schema(table)
+            .await?
+            .ok_or_else(|| BqError::NotFound(format!("table {table}")))?;
+        let fields: Vec<BqField> = schema.iter().filter_map(field_of).collect();
+        let e = Arc::new(RowEncoder::new(&fields));
+        self.set_encoder(table, e.clone());
+        Ok(e)
+    }
+
+    fn set_encoder(&self, table: &str, e: Arc<RowEncoder>) {
+        self.encoders
+            .lock()
+            .expect("encoders")
+            .insert(table.to_string(), e);
+    }
+
+    fn batch(&self, table: &str, batch_id: &str) -> Arc<tokio::sync::Mutex<Batch>> {
+        let mut batches = self.batches.lock().expect("batches");
+        batches.retain(|_, b| {
+            b.try_lock().map_or(true, |b| {
+                b.started.is_none_or(|t| t.elapsed() < ABANDONED_AFTER)
+            })
+        });
+        batches
+            .entry(batch_id.to_string())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Batch {
+                    table: table.to_string(),
+                    started: Some(Instant::now()),
+                    ..Default::default()
+                }))
+            })
+            .clone()
+    }
+
+    /// The table's schema changed: the open streams of its batches were created for the old
+    /// one, so they are finalized and new appends go to new streams (committed with them).
+    async fn schema_changed(&self, table: &str) -> Result<(), BqError> {
+        let batches: Vec<_> = self
+            .batches
+            .lock()
+            .expect("batches")
+            .values()
+            .cloned()
+            .collect();
+        for b in batches {
+            let mut b = b.lock().await;
+            if b.table != table {
+                continue;
+            }
+            if let Some((name, _)) = b.open.take() {
+                self.write.finalize(&name).await?;
+                b.finalized.push(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `rows` to the batch's open stream at its next offset.
+    async fn append_pending(
+        &self,
+        table: &str,
+        batch_id: &str,
+        enc: &RowEncoder,
+        rows: Vec<Vec<u8>>,
+    ) -> Result<InsertOutcome, BqError> {
+        let batch = self.batch(table, batch_id);
+        let mut b = batch.lock().await;
+        if b.open.is_none() {
+            let name = self.write.create_pending(&self.table_path(table)).await?;
+            b.open = Some((name, 0));
+        }
+        let (name, offset) = b.open.clone().expect("opened above");
+        let n = rows.len() as i64;
+        match self
+            .write
+            .append(&name, Some(offset), enc.descriptor(), rows)
+            .await?
+        {
+            Appended::Ok | Appended::AlreadyWritten => {
+                b.open = Some((name, offset + n));
+                Ok(InsertOutcome::default())
+            }
+            Appended::RowErrors(errors) => Ok(row_errors(errors)),
+        }
+    }
+
+    /// Finalize and commit the batch's streams, checking that each holds what was appended.
+    /// Safe to repeat after any failure: the batch's state changes only once a step is done,
+    /// and a commit whose answer was lost is recognised by the streams' commit times.
+    async fn commit_batch(&self, table: &str, batch_id: &str, rows: i64) -> Result<(), BqError> {
+        let found = self.batches.lock().expect("batches").get(batch_id).cloned();
+        let Some(batch) = found else {
+            if rows > 0 {
+                // Never expected: listing the batch would move the watermark past rows that
+                // no stream holds.
+                return Err(BqError::Invalid(format!(
+                    "batch {batch_id} has {rows} rows but no stream in this process; not listed"
+                )));
+            }
+            return Ok(()); // every row of the slice was dead-lettered: nothing appended
+        };
+        let mut b = batch.lock().await;
+        // Transient for the task: its next slice sends the rows again in a new stream.
+        if let Some(reason) = &b.poisoned {
+            return Err(BqError::Transient(reason.clone()));
+        }
+        if b.committed {
+            return Ok(());
+        }
+        if let Some((name, appended)) = b.open.clone() {
+            let count = self.write.finalize(&name).await?;
+            if count != appended {
+                // An append was lost or doubled: commit nothing; the slice fails and its rows
+                // are sent again in a new batch.
+                let reason = format!(
+                    "stream of batch {batch_id} holds {count} rows where {appended} were appended; not committed"
+                );
+                b.poisoned = Some(reason.clone());
+                return Err(BqError::Transient(reason));
+            }
+            b.open = None;
+            b.finalized.push(name);
+        }
+        if !b.finalized.is_empty() {
+            let path = self.table_path(table);
+            if let Err(e) = self.write.commit(&path, b.finalized.clone()).await {
+                if !self.write.all_committed(&b.finalized).await {
+                    return Err(e);
+                }
+            }
+            b.finalized.clear();
+        }
+        b.committed = true;
+        Ok(())
+    }
+}
+
+/// The emulator and Google both number refused rows by their index in the request.
+fn row_errors(errors: Vec<grpc::pb::RowError>) -> InsertOutcome {
+    InsertOutcome {
+        row_errors: errors
+            .into_iter()
+            .map(|e| RowError {
+                index: e.index.max(0) as usize,
+                reason: "invalid".into(),
+                message: e.message,
+            })
+            .collect(),
+    }
+}
+
+/// A REST schema field as tenantsync's field (legacy type names included).
+fn field_of(v: &Value) -> Option<BqField> {
+    Some(BqField {
+        name: v["name"].as_str()?.to_string(),
+        field_type: BqType::parse(v["type"].as_str()?)?,
+        mode: match v["mode"].as_str() {
+            Some("REPEATED") => FieldMode::Repeated,
+            Some("REQUIRED") => FieldMode::Required,
+            _ => FieldMode::Nullable,
+        },
+    })
+}
+
+impl Sink for StorageSink {
+    fn dataset(&self) -> &str {
+        self.rest.dataset()
+    }
+
+    fn write_api(&self) -> tenantsync_core::WriteApi {
+        tenantsync_core::WriteApi::Storage
+    }
+
+    async fn ensure_dataset(&self) -> Result<bool, BqError> {
+        self.rest.ensure_dataset().await
+    }
+
+    async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
+        let change = Sink::ensure_table(&*self.rest, def).await?;
+        self.set_encoder(
+            def.table,
+            Arc::new(RowEncoder::new(&table_fields(def.fields))),
+        );
+        if change != SchemaChange::Unchanged {
+            self.schema_changed(def.table).await?;
+        }
+        Ok(change)
+    }
+
+    async fn append(
+        &self,
+        table: &str,
+        batch_id: &str,
+        rows: &[&str],
+    ) -> Result<InsertOutcome, BqError> {
+        let enc = self.encoder(table).await?;
+        match enc.encode_all(rows) {
+            Ok(encoded) => self.append_pending(table, batch_id, &enc, encoded).await,
+            Err(row_errors) => Ok(InsertOutcome { row_errors }),
+        }
+    }
+
+    /// Commit the slice's batch (the last of `batch_ids`; earlier ones were never written
+    /// through this sink). Nothing is listed in `_sync_batches`: the views show Storage Write
+    /// batches by their id's prefix, so the commit is the one step that makes rows visible.
+    async fn list_batches(
+        &self,
+        table: &str,
+        batch_ids: &[String],
+        rows: i64,
+    ) -> Result<InsertOutcome, BqError> {
+        if let Some(current) = batch_ids.last() {
+            self.commit_batch(table, current, rows).await?;
+            self.batches.lock().expect("batches").remove(current);
+        }
+        Ok(InsertOutcome::default())
+    }
+}
