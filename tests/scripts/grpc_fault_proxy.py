@@ -5,6 +5,8 @@ forwarded byte for byte, except the ones the plan names, which fail
 
   unavailable   with UNAVAILABLE before reaching the emulator,
   exhausted     with RESOURCE_EXHAUSTED before reaching the emulator,
+  unauthenticated, denied
+                with UNAUTHENTICATED / PERMISSION_DENIED (a key BigQuery stopped taking),
   drop_after    with UNAVAILABLE after the emulator did the work (its answer is dropped:
                 what a connection lost on the way back looks like to the client).
 
@@ -27,6 +29,8 @@ SERVICE = "/google.cloud.bigquery.storage.v1.BigQueryWrite/"
 FAULTS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
 }
 # Metadata the client sends that the emulator (or Google) reads.
 FORWARDED = ("authorization", "x-goog-request-params")

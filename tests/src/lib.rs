@@ -201,6 +201,11 @@ impl TestEnv {
         c
     }
 
+    /// The write method this run's workers use by default (`TENANTSYNC_WRITE_API`).
+    pub fn write_api(&self) -> tenantsync_core::WriteApi {
+        self.worker_config().write_api
+    }
+
     pub fn deps(&self) -> Deps {
         Deps {
             control: self.control.clone(),

@@ -80,16 +80,18 @@ pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u6
         .collect::<Vec<_>>()
         .join(", ");
     let t = client.qualified(table);
-    // Ranked among committed versions only, like the view. Versions of batches never listed
-    // are deleted too once old: a later slice sent their rows again.
+    // Ranked among committed versions only, like the view. Versions of insertAll batches never
+    // listed are deleted too once old: a later slice sent their rows again. Storage Write
+    // batches are never listed and are committed by being there at all.
     format!(
         "DELETE FROM {t} \
          WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND) \
-         AND (_batch_id NOT IN (SELECT batch_id FROM {b}) \
+         AND ((_batch_id NOT IN (SELECT batch_id FROM {b}) AND _batch_id NOT LIKE '{w}%') \
               OR _version_id NOT IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER \
                  (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) \
                  AS _rn FROM {c}) WHERE _rn = 1))",
         b = client.qualified(BATCHES_TABLE),
+        w = tenantsync_core::names::STORAGE_BATCH_PREFIX,
         c = committed(client, table),
     )
 }

@@ -40,10 +40,16 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
     let base = bq.qualified("contacts");
     let latest = bq.qualified("contacts_latest");
     let batches = bq.qualified("_sync_batches");
+    // insertAll: one chunk of the slice reached the table. Storage Write: nothing did (the
+    // pending stream was never committed).
+    let reached = match env.write_api() {
+        tenantsync_core::WriteApi::InsertAll => 20,
+        tenantsync_core::WriteApi::Storage => 0,
+    };
     assert_eq!(
         count(format!("SELECT COUNT(*) FROM {base}")).await,
-        20,
-        "one chunk of the slice reached BigQuery"
+        reached,
+        "rows of the half-written slice in the table"
     );
     assert_eq!(
         count(format!("SELECT COUNT(*) FROM {latest}")).await,
@@ -65,16 +71,21 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
         .await
         .unwrap();
     assert_eq!(count(format!("SELECT COUNT(*) FROM {latest}")).await, 100);
-    // The committing slice listed its own batch and the dead one's (its rows are correct
-    // versions the new batch covers).
-    assert_eq!(
-        count(format!(
-            "SELECT COUNT(*) FROM {batches} WHERE batch_id IN ('{0}-{1}-1', '{0}-{1}-2')",
-            tenant.id, contacts.id
-        ))
-        .await,
-        2
-    );
+    // insertAll: the committing slice listed its own batch and the dead one's (its rows are
+    // correct versions the new batch covers). Storage Write lists nothing: its commit is the
+    // visibility point, and the dead slice's stream was never committed.
+    let listed = count(format!(
+        "SELECT COUNT(*) FROM {batches} WHERE batch_id IN ('{0}-{1}-1', '{0}-{1}-2')",
+        tenant.id, contacts.id
+    ))
+    .await;
+    match env.write_api() {
+        tenantsync_core::WriteApi::InsertAll => assert_eq!(listed, 2),
+        tenantsync_core::WriteApi::Storage => {
+            assert_eq!(listed, 0);
+            assert_eq!(count(format!("SELECT COUNT(*) FROM {base}")).await, 100);
+        }
+    }
     let dup = bq
         .query(&format!(
             "SELECT id FROM {latest} GROUP BY id HAVING COUNT(*) > 1"

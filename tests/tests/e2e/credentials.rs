@@ -138,10 +138,16 @@ async fn fixture(upstream: String) -> Fixture {
         revoked,
         assertions,
         seen,
-        proxy: Endpoint::emulator(&proxy_url).with_token_uri_policy(
-            tenantsync_bigquery::TokenUriPolicy::allowing(tenantsync_tests::TEST_TOKEN_HOSTS)
-                .unwrap(),
-        ),
+        proxy: Endpoint::emulator(&proxy_url)
+            .with_storage_emulator(
+                std::env::var("BIGQUERY_STORAGE_EMULATOR_HOST")
+                    .ok()
+                    .as_deref(),
+            )
+            .with_token_uri_policy(
+                tenantsync_bigquery::TokenUriPolicy::allowing(tenantsync_tests::TEST_TOKEN_HOSTS)
+                    .unwrap(),
+            ),
         proxy_url,
         pubkey: key.to_public_key(),
         email,

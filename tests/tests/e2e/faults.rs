@@ -98,7 +98,8 @@ async fn every_valid_row_lands_once_through_twenty_percent_faults() {
     .await;
 
     let mut cfg = env.worker_config();
-    cfg.endpoint = Endpoint::emulator(&format!("http://{addr}"));
+    cfg.endpoint = Endpoint::emulator(&format!("http://{addr}"))
+        .with_storage_emulator(env.endpoint.storage_url.as_deref());
     cfg.request_timeout = TIMEOUT;
     cfg.chunk_limits.max_rows = 20;
     cfg.max_attempts = 30;

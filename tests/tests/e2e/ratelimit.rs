@@ -79,7 +79,8 @@ async fn one_worker_never_exceeds_the_global_request_budget() {
     setup(&env, &[1, 2, 3], 250).await;
     let (url, seen) = counting_proxy(&env).await;
     let mut cfg = env.worker_config();
-    cfg.endpoint = Endpoint::emulator(&url);
+    cfg.endpoint =
+        Endpoint::emulator(&url).with_storage_emulator(env.endpoint.storage_url.as_deref());
     cfg.chunk_limits.max_rows = 25;
     cfg.global_budget.requests_per_s = Some(LIMIT);
     let worker = env.worker_with(cfg, Arc::new(tenantsync_worker::NoHooks));

@@ -275,3 +275,48 @@ async fn values_bigquery_refuses_are_dead_lettered_before_they_reach_a_stream() 
     assert_eq!(keys, ["11", "13", "3", "7"], "{letters:?}");
     env.cleanup().await.unwrap();
 }
+
+/// A key the Storage Write API refuses (`UNAUTHENTICATED`, `PERMISSION_DENIED`) pauses its
+/// tenant, as a 401/403 from insertAll does, with the reason stored; nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_credentials_on_the_grpc_path_pause_the_tenant() {
+    for refusal in ["unauthenticated", "denied"] {
+        let env = TestEnv::new().await.unwrap();
+        seed_items(&env, &[1], 10).await;
+        let items = storage_table(&env, "items").await;
+        let tenant = env.add_tenant("org-1", 1).await.unwrap();
+        let plan = FaultPlan {
+            creates: refusal,
+            appends: refusal,
+            ..Default::default()
+        };
+        let proxy = GrpcFaultProxy::start(&grpc_host(), &plan);
+        let mut cfg = env.worker_config();
+        cfg.endpoint = cfg.endpoint.with_storage_emulator(Some(&proxy.host));
+        let worker = env.worker_with(cfg, Arc::new(NoHooks));
+        env.past_skew().await;
+        let task = env.task(&tenant, &items).await;
+        let r = worker
+            .try_execute_task(task, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&r.outcome, SliceOutcome::Failed { error, .. } if error.contains("credentials")),
+            "{refusal}: {:?}",
+            r.outcome
+        );
+        let t = env.control.tenant("org-1").await.unwrap();
+        assert_eq!(
+            t.status,
+            tenantsync_core::TenantStatus::CredentialsInvalid,
+            "{refusal}"
+        );
+        let bq = env.bq(&tenant).await.unwrap();
+        let n = bq
+            .query(&format!("SELECT COUNT(*) FROM {}", bq.qualified("items")))
+            .await
+            .unwrap();
+        assert_eq!(scalar_i64(&n), 0, "{refusal}");
+        env.cleanup().await.unwrap();
+    }
+}

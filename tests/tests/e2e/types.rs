@@ -275,8 +275,11 @@ async fn every_type_renders_as_postgres_renders_it_and_bigquery_takes_it() {
     let bq = env.bq(&tenant).await.unwrap();
     let got = bq
         .query(&format!(
-            "SELECT id, c_i8, c_num2, c_text, c_bpc, c_uuid, c_bytea, c_tstz, ARRAY_LENGTH(a_text),
-                    ARRAY_LENGTH(a_i4_2d), c_enum, c_bool
+            // COALESCE: BigQuery stores an absent repeated field as []; the local BigQuery
+            // stores one sent through the Storage Write API (no element in the message) as NULL.
+            "SELECT id, c_i8, c_num2, c_text, c_bpc, c_uuid, c_bytea, c_tstz,
+                    COALESCE(ARRAY_LENGTH(a_text), 0), COALESCE(ARRAY_LENGTH(a_i4_2d), 0),
+                    c_enum, c_bool
              FROM {} ORDER BY id",
             bq.qualified("types_latest")
         ))
