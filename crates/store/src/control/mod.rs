@@ -115,6 +115,7 @@ fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<T
             .map(|w| w.parse())
             .transpose()
             .map_err(StoreError::Invalid)?,
+        max_staleness_s: r.try_get("max_staleness_s")?,
     })
 }
 
@@ -405,6 +406,16 @@ impl ControlPlane {
         sqlx::query("UPDATE table_specs SET write_api = $2 WHERE id = $1")
             .bind(table_id)
             .bind(w.map(WriteApi::as_str))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A CDC table's `max_staleness`, in seconds.
+    pub async fn set_max_staleness(&self, table_id: i64, seconds: i32) -> Result<()> {
+        sqlx::query("UPDATE table_specs SET max_staleness_s = $2 WHERE id = $1")
+            .bind(table_id)
+            .bind(seconds)
             .execute(&self.pool)
             .await?;
         Ok(())
