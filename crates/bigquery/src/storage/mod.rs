@@ -375,3 +375,48 @@ impl Sink for StorageSink {
         Ok(InsertOutcome::default())
     }
 }
+
+#[cfg(test)]
+mod cdc_tests {
+    use super::*;
+
+    #[test]
+    fn cdc_payloads_are_told_by_their_last_column() {
+        let cdc = r#"{"insertId":"x","json":{"id":1,"_version_id":"x","_CHANGE_TYPE":"DELETE","_CHANGE_SEQUENCE_NUMBER":"80000000000000AB/8000000000000001"}}"#;
+        assert!(is_cdc_payload(cdc));
+        // A source value spelling the column is not the column: it is not last.
+        let plain = r#"{"insertId":"x","json":{"note":",\"_CHANGE_SEQUENCE_NUMBER\":\"1\"}}","_version_id":"x"}}"#;
+        assert!(!is_cdc_payload(plain));
+        assert!(!is_cdc_payload(r#"{"insertId":"x","json":{"id":1}}"#));
+    }
+
+    #[test]
+    fn cdc_encoder_carries_the_pseudo_columns() {
+        let fields = [BqField {
+            name: "id".into(),
+            field_type: BqType::Int64,
+            mode: FieldMode::Required,
+        }];
+        let e = RowEncoder::with_cdc(&fields);
+        let names: Vec<_> = e
+            .descriptor()
+            .field
+            .iter()
+            .filter_map(|f| f.name.clone())
+            .collect();
+        assert_eq!(names, ["id", "_CHANGE_TYPE", "_CHANGE_SEQUENCE_NUMBER"]);
+        let row = r#"{"insertId":"x","json":{"id":"7","_CHANGE_TYPE":"UPSERT","_CHANGE_SEQUENCE_NUMBER":"A/0"}}"#;
+        assert!(e.encode(row).is_ok());
+        assert!(RowEncoder::new(&fields).encode(row).is_err());
+    }
+
+    #[test]
+    fn cdc_table_resource_has_primary_key_and_interval_staleness() {
+        let r = crate::client::cdc_table_resource(&["a".into(), "b".into()], 3725);
+        assert_eq!(
+            r["tableConstraints"]["primaryKey"]["columns"],
+            serde_json::json!(["a", "b"])
+        );
+        assert_eq!(r["maxStaleness"], "0-0 0 1:2:5");
+    }
+}

@@ -478,7 +478,9 @@ impl ControlPlane {
                              AND s.synced_through >= cs.scanned_from
                              AND s.synced_through >= coalesce(s.changed_until, '-infinity'),
                              false) AS caught_up,
-                    s.last_success_at, s.last_error, s.consecutive_failures, ts.write_api
+                    s.last_success_at, s.last_error, s.consecutive_failures,
+                    -- CDC mode implies the Storage Write API whatever the spec names.
+                    CASE WHEN ts.mode = 'cdc' THEN 'storage (cdc)' ELSE ts.write_api END AS write_api
              FROM sync_state s
              JOIN tenants tn ON tn.id = s.tenant_id
              JOIN table_specs ts ON ts.id = s.table_id
