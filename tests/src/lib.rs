@@ -3,6 +3,7 @@
 //! Redis key prefix and its own dataset names, so tests run in parallel without sharing state.
 
 pub mod bench;
+pub mod cdc;
 pub mod chaos;
 pub mod grpc_faults;
 pub mod http;

@@ -208,6 +208,13 @@ impl Admin {
     ) -> Result<TableSpec> {
         let (schema, name) = onboarding::split_table(table);
         let mut spec = self.control.table_by_name(&schema, &name).await?;
+        if spec.mode == tenantsync_core::Mode::Cdc
+            && write_api == Some(tenantsync_core::WriteApi::InsertAll)
+        {
+            return Err(AdminError::Invalid(format!(
+                "{schema}.{name} is in mode cdc, which writes through the Storage Write API's default stream only"
+            )));
+        }
         self.control.set_write_api(spec.id, write_api).await?;
         spec.write_api = write_api;
         self.audit(
@@ -215,6 +222,33 @@ impl Admin {
             "table.write_api",
             Some(&format!("{schema}.{name}")),
             serde_json::json!({"write_api": write_api.map(|w| w.as_str())}),
+        )
+        .await?;
+        Ok(spec)
+    }
+
+    /// Set a CDC table's `max_staleness` (seconds, > 0). Stored for every table; BigQuery gets
+    /// it when the table is created in a tenant's dataset (an existing table keeps its own).
+    pub async fn set_max_staleness(
+        &self,
+        actor: &str,
+        table: &str,
+        seconds: i32,
+    ) -> Result<TableSpec> {
+        if seconds <= 0 {
+            return Err(AdminError::Invalid(format!(
+                "max staleness must be positive, not {seconds} s"
+            )));
+        }
+        let (schema, name) = onboarding::split_table(table);
+        let mut spec = self.control.table_by_name(&schema, &name).await?;
+        self.control.set_max_staleness(spec.id, seconds).await?;
+        spec.max_staleness_s = seconds;
+        self.audit(
+            actor,
+            "table.max_staleness",
+            Some(&format!("{schema}.{name}")),
+            serde_json::json!({"max_staleness_s": seconds}),
         )
         .await?;
         Ok(spec)

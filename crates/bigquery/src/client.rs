@@ -3,8 +3,8 @@
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
 use crate::schema::{
-    batches_fields, final_fields, latest_view_sql, sync_fields, sync_table, SchemaChange,
-    BATCHES_TABLE,
+    batches_fields, final_fields, latest_view_sql, sync_fields, sync_fields_with, sync_table,
+    table_fields, SchemaChange, BATCHES_TABLE,
 };
 use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
@@ -243,10 +243,24 @@ impl BigQuery {
 
     /// Create a table. Returns false when it exists already.
     pub async fn create_table(&self, table: &str, fields: &[BqField]) -> Result<bool, BqError> {
-        let body = json!({
+        self.create_table_with(table, fields, &Value::Null).await
+    }
+
+    /// [`Self::create_table`] with more of the table resource (`extra`'s members, e.g.
+    /// `tableConstraints` and `maxStaleness` of a CDC table).
+    pub async fn create_table_with(
+        &self,
+        table: &str,
+        fields: &[BqField],
+        extra: &Value,
+    ) -> Result<bool, BqError> {
+        let mut body = json!({
             "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": table},
             "schema": {"fields": fields},
         });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
         match self
             .call(
                 Method::POST,
@@ -381,6 +395,17 @@ impl BigQuery {
     }
 }
 
+/// What a CDC table's resource adds to its schema: the primary key BigQuery applies
+/// `UPSERT`/`DELETE` rows by (`PRIMARY KEY (...) NOT ENFORCED`), and `max_staleness` as an
+/// INTERVAL literal (`Y-M D H:M:S`).
+pub fn cdc_table_resource(keys: &[String], max_staleness_s: i32) -> Value {
+    let s = i64::from(max_staleness_s.max(1));
+    json!({
+        "tableConstraints": {"primaryKey": {"columns": keys}},
+        "maxStaleness": format!("0-0 0 {}:{}:{}", s / 3600, s / 60 % 60, s % 60),
+    })
+}
+
 /// The insertAll way of writing a slice.
 impl Sink for BigQuery {
     fn dataset(&self) -> &str {
@@ -396,6 +421,16 @@ impl Sink for BigQuery {
     }
 
     async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
+        if def.mode == Mode::Cdc {
+            // BigQuery keeps one row per key itself: no batch listing, no view.
+            return sync_fields_with(
+                self,
+                def.table,
+                table_fields(def.fields),
+                &cdc_table_resource(def.keys, def.max_staleness_s),
+            )
+            .await;
+        }
         self.create_table(BATCHES_TABLE, &batches_fields()).await?;
         let change = sync_table(self, def.table, def.fields).await?;
         if def.mode == Mode::Merge {

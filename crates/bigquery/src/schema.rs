@@ -204,8 +204,19 @@ pub async fn sync_fields(
     table: &str,
     wanted: Vec<BqField>,
 ) -> Result<SchemaChange, BqError> {
+    sync_fields_with(client, table, wanted, &serde_json::Value::Null).await
+}
+
+/// [`sync_fields`], creating the table with `extra` members of its resource (a CDC table's
+/// primary key and `maxStaleness`; an existing table keeps what it has).
+pub async fn sync_fields_with(
+    client: &BigQuery,
+    table: &str,
+    wanted: Vec<BqField>,
+    extra: &serde_json::Value,
+) -> Result<SchemaChange, BqError> {
     // Create first: for a new table that is one call instead of two.
-    if client.create_table(table, &wanted).await? {
+    if client.create_table_with(table, &wanted, extra).await? {
         return Ok(SchemaChange::Created);
     }
     let Some(existing) = client.table_schema(table).await? else {

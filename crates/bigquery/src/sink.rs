@@ -48,6 +48,8 @@ pub struct TableDef<'a> {
     pub fields: &'a [BqField],
     pub keys: &'a [String],
     pub mode: Mode,
+    /// CDC mode: the table's `max_staleness` in seconds.
+    pub max_staleness_s: i32,
 }
 
 /// One tenant's dataset, as a slice writes to it.

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cdc;
 pub mod chunk;
 pub mod crypto;
 pub mod ident;

@@ -52,16 +52,21 @@ pub enum Mode {
     History,
     /// Partial rows merged into `<table>_final`.
     Merge,
+    /// BigQuery's change data capture: a table with a primary key, written through the
+    /// Storage Write API's default stream with `_CHANGE_TYPE` and `_CHANGE_SEQUENCE_NUMBER`
+    /// (see [`crate::cdc`]); BigQuery keeps one row per key. No view, no compaction.
+    Cdc,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Self::Latest, Self::History, Self::Merge];
+    pub const ALL: [Mode; 4] = [Self::Latest, Self::History, Self::Merge, Self::Cdc];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Latest => "latest",
             Self::History => "history",
             Self::Merge => "merge",
+            Self::Cdc => "cdc",
         }
     }
 }
@@ -78,7 +83,7 @@ impl FromStr for Mode {
         Self::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (expected latest, history or merge)"))
+            .ok_or_else(|| format!("unknown mode {s:?} (expected latest, history, merge or cdc)"))
     }
 }
 
@@ -196,7 +201,13 @@ pub struct TableSpec {
     pub capture: Capture,
     /// The table's write method; `None`: the deployment's default (`TENANTSYNC_WRITE_API`).
     pub write_api: Option<WriteApi>,
+    /// CDC mode: the table's `max_staleness` in seconds (how old the background-applied
+    /// state may be before a query applies pending changes itself).
+    pub max_staleness_s: i32,
 }
+
+/// The default `max_staleness` of a CDC table (migration `20261202180000_cdc.sql`).
+pub const DEFAULT_MAX_STALENESS_S: i32 = 900;
 
 impl TableSpec {
     /// Name of the table in the tenant's dataset (see [`crate::names::bq_table`]).

@@ -228,16 +228,18 @@ impl<'a> TableNames<'a> {
             kind: Kind::BqTable,
             name: bq.clone(),
         }];
-        out.push(match self.mode {
-            Mode::Merge => Derived {
+        match self.mode {
+            Mode::Merge => out.push(Derived {
                 kind: Kind::BqFinalTable,
                 name: format!("{bq}{FINAL_SUFFIX}"),
-            },
-            Mode::Latest | Mode::History => Derived {
+            }),
+            Mode::Latest | Mode::History => out.push(Derived {
                 kind: Kind::BqLatestView,
                 name: format!("{bq}{LATEST_SUFFIX}"),
-            },
-        });
+            }),
+            // BigQuery keeps one row per key in the table itself: nothing derived.
+            Mode::Cdc => {}
+        }
         if self.capture == Capture::Changelog {
             out.push(Derived {
                 kind: Kind::PgChangeTable,

@@ -355,9 +355,15 @@ pub struct TablesAdd {
     /// Column holding the tenant id.
     #[arg(long, default_value = "organization_id")]
     pub tenant_column: String,
-    /// How versions are kept in BigQuery.
-    #[arg(long, default_value = "latest", value_parser = ["latest", "history", "merge"])]
+    /// How versions are kept in BigQuery. `cdc`: BigQuery's change data capture keeps one
+    /// row per key (primary key, UPSERT/DELETE rows on the default stream); implies
+    /// `--write-api storage`.
+    #[arg(long, default_value = "latest", value_parser = ["latest", "history", "merge", "cdc"])]
     pub mode: String,
+    /// CDC mode: the table's max_staleness in seconds (how stale BigQuery may serve the
+    /// applied rows; shorter costs more background merging).
+    #[arg(long, default_value_t = tenantsync_core::model::DEFAULT_MAX_STALENESS_S, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_staleness_s: i32,
     /// Minimum time between two slices of a caught-up task, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: i32,

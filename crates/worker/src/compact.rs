@@ -20,7 +20,8 @@ impl Worker {
         let done = match spec.mode {
             Mode::Merge => self.merge(tenant, spec).await,
             Mode::Latest => self.compact(tenant, spec).await,
-            Mode::History => return,
+            // History keeps every version; BigQuery applies a CDC table's changes itself.
+            Mode::History | Mode::Cdc => return,
         };
         if let Err(e) = done {
             warn!(tenant = %tenant.slug, table = %spec.source_table, mode = %spec.mode, error = %e, "periodic compaction/merge failed; it waits for the next turn");

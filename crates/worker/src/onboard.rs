@@ -268,6 +268,7 @@ pub async fn add_table(
         soft_delete_column: spec.soft_delete_column.clone(),
         capture: spec.capture,
         write_api: None,
+        max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
     };
     SlicePlan::build(&probe, &columns)?;
     // Every tenant onboarded so far must be readable through this table's tenant column: an

@@ -6,6 +6,7 @@
 mod admin;
 mod admin_fuzz;
 mod batches;
+mod cdc;
 mod changelog;
 mod changes;
 mod chaos;

@@ -15,6 +15,7 @@ use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{DescriptorProto, FieldDescriptorProto};
 use serde_json::Value;
 use std::collections::HashMap;
+use tenantsync_core::cdc;
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
 
 /// BigQuery's DATE range in days since 1970-01-01 (0001-01-01 ..= 9999-12-31).
@@ -81,6 +82,23 @@ impl RowEncoder {
             },
             columns,
         }
+    }
+
+    /// For a CDC table: its schema plus the pseudo-columns `_CHANGE_TYPE` and
+    /// `_CHANGE_SEQUENCE_NUMBER` (STRING), which BigQuery reads from the default stream's rows
+    /// and does not store.
+    pub fn with_cdc(fields: &[BqField]) -> Self {
+        let mut all = fields.to_vec();
+        for name in [cdc::CHANGE_TYPE, cdc::CHANGE_SEQUENCE_NUMBER] {
+            if !all.iter().any(|f| f.name.eq_ignore_ascii_case(name)) {
+                all.push(BqField {
+                    name: name.to_string(),
+                    field_type: BqType::String,
+                    mode: FieldMode::Nullable,
+                });
+            }
+        }
+        Self::new(&all)
     }
 
     pub fn descriptor(&self) -> &DescriptorProto {

@@ -9,6 +9,10 @@
 //! starts with `w` as they are, so there is no second step a failure could separate from the
 //! commit.
 //!
+//! CDC-mode rows (they end with `_CHANGE_SEQUENCE_NUMBER`, see [`is_cdc_payload`]) go to the
+//! table's default stream instead, with the pseudo-columns in their descriptor: BigQuery
+//! applies them by primary key and sequence number, so there is no batch to commit.
+//!
 //! Tables, views and the dataset are created through the REST client (the Storage Write API
 //! has no DDL).
 
@@ -24,7 +28,7 @@ use crate::schema::{table_fields, SchemaChange};
 use crate::sink::{InsertOutcome, RowError, Sink, TableDef};
 use grpc::{Appended, WriteClient};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
@@ -57,6 +61,28 @@ pub struct StorageSink {
     encoders: Mutex<HashMap<String, Arc<RowEncoder>>>,
     /// Per batch id: its streams. A batch is one slice, so its appends come one at a time.
     batches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Batch>>>>,
+    /// Tables this sink wrote CDC rows to (default stream; no batch to commit).
+    cdc_tables: Mutex<HashSet<String>>,
+}
+
+/// Whether a payload is a CDC row: its JSON object ends with the `_CHANGE_SEQUENCE_NUMBER`
+/// the worker appends last (so a source value cannot be mistaken for it: anything before the
+/// metadata columns is followed by them).
+pub fn is_cdc_payload(row: &str) -> bool {
+    let Some((_, tail)) = row.rsplit_once(",\"_CHANGE_SEQUENCE_NUMBER\":\"") else {
+        return false;
+    };
+    tail.strip_suffix("\"}}")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/'))
+}
+
+/// The encoder cache's key of a table's rows, plain or with CDC pseudo-columns.
+fn encoder_key(table: &str, cdc: bool) -> String {
+    if cdc {
+        format!("{table}\0cdc")
+    } else {
+        table.to_string()
+    }
 }
 
 impl StorageSink {
@@ -69,6 +95,7 @@ impl StorageSink {
             write,
             encoders: Mutex::default(),
             batches: Mutex::default(),
+            cdc_tables: Mutex::default(),
         }
     }
 
@@ -87,8 +114,9 @@ impl StorageSink {
 
     /// The encoder of `table`'s current schema: cached, or built from the table's schema as
     /// BigQuery has it (a process that did not create the table).
-    async fn encoder(&self, table: &str) -> Result<Arc<RowEncoder>, BqError> {
-        if let Some(e) = self.encoders.lock().expect("encoders").get(table) {
+    async fn encoder(&self, table: &str, cdc: bool) -> Result<Arc<RowEncoder>, BqError> {
+        let key = encoder_key(table, cdc);
+        if let Some(e) = self.encoders.lock().expect("encoders").get(&key) {
             return Ok(e.clone());
         }
         let schema = self
@@ -97,8 +125,12 @@ impl StorageSink {
             .await?
             .ok_or_else(|| BqError::NotFound(format!("table {table}")))?;
         let fields: Vec<BqField> = schema.iter().filter_map(field_of).collect();
-        let e = Arc::new(RowEncoder::new(&fields));
-        self.set_encoder(table, e.clone());
+        let e = Arc::new(if cdc {
+            RowEncoder::with_cdc(&fields)
+        } else {
+            RowEncoder::new(&fields)
+        });
+        self.set_encoder(&key, e.clone());
         Ok(e)
     }
 
@@ -149,6 +181,29 @@ impl StorageSink {
             }
         }
         Ok(())
+    }
+
+    /// CDC rows go to the table's default stream, no offset: BigQuery applies them by key and
+    /// sequence number, so a repeated append (its answer lost) writes rows that change nothing.
+    async fn append_default(
+        &self,
+        table: &str,
+        enc: &RowEncoder,
+        rows: Vec<Vec<u8>>,
+    ) -> Result<InsertOutcome, BqError> {
+        self.cdc_tables
+            .lock()
+            .expect("cdc tables")
+            .insert(table.to_string());
+        let stream = format!("{}/streams/_default", self.table_path(table));
+        match self
+            .write
+            .append(&stream, None, enc.descriptor(), rows)
+            .await?
+        {
+            Appended::Ok | Appended::AlreadyWritten => Ok(InsertOutcome::default()),
+            Appended::RowErrors(errors) => Ok(row_errors(errors)),
+        }
     }
 
     /// Append `rows` to the batch's open stream at its next offset.
@@ -273,9 +328,11 @@ impl Sink for StorageSink {
 
     async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
         let change = Sink::ensure_table(&*self.rest, def).await?;
+        let fields = table_fields(def.fields);
+        self.set_encoder(def.table, Arc::new(RowEncoder::new(&fields)));
         self.set_encoder(
-            def.table,
-            Arc::new(RowEncoder::new(&table_fields(def.fields))),
+            &encoder_key(def.table, true),
+            Arc::new(RowEncoder::with_cdc(&fields)),
         );
         if change != SchemaChange::Unchanged {
             self.schema_changed(def.table).await?;
@@ -289,8 +346,10 @@ impl Sink for StorageSink {
         batch_id: &str,
         rows: &[&str],
     ) -> Result<InsertOutcome, BqError> {
-        let enc = self.encoder(table).await?;
+        let cdc = rows.first().is_some_and(|r| is_cdc_payload(r));
+        let enc = self.encoder(table, cdc).await?;
         match enc.encode_all(rows) {
+            Ok(encoded) if cdc => self.append_default(table, &enc, encoded).await,
             Ok(encoded) => self.append_pending(table, batch_id, &enc, encoded).await,
             Err(row_errors) => Ok(InsertOutcome { row_errors }),
         }
@@ -305,10 +364,59 @@ impl Sink for StorageSink {
         batch_ids: &[String],
         rows: i64,
     ) -> Result<InsertOutcome, BqError> {
+        if self.cdc_tables.lock().expect("cdc tables").contains(table) {
+            // CDC rows were applied as they were appended: nothing to commit or list.
+            return Ok(InsertOutcome::default());
+        }
         if let Some(current) = batch_ids.last() {
             self.commit_batch(table, current, rows).await?;
             self.batches.lock().expect("batches").remove(current);
         }
         Ok(InsertOutcome::default())
+    }
+}
+
+#[cfg(test)]
+mod cdc_tests {
+    use super::*;
+
+    #[test]
+    fn cdc_payloads_are_told_by_their_last_column() {
+        let cdc = r#"{"insertId":"x","json":{"id":1,"_version_id":"x","_CHANGE_TYPE":"DELETE","_CHANGE_SEQUENCE_NUMBER":"80000000000000AB/8000000000000001"}}"#;
+        assert!(is_cdc_payload(cdc));
+        // A source value spelling the column is not the column: it is not last.
+        let plain = r#"{"insertId":"x","json":{"note":",\"_CHANGE_SEQUENCE_NUMBER\":\"1\"}}","_version_id":"x"}}"#;
+        assert!(!is_cdc_payload(plain));
+        assert!(!is_cdc_payload(r#"{"insertId":"x","json":{"id":1}}"#));
+    }
+
+    #[test]
+    fn cdc_encoder_carries_the_pseudo_columns() {
+        let fields = [BqField {
+            name: "id".into(),
+            field_type: BqType::Int64,
+            mode: FieldMode::Required,
+        }];
+        let e = RowEncoder::with_cdc(&fields);
+        let names: Vec<_> = e
+            .descriptor()
+            .field
+            .iter()
+            .filter_map(|f| f.name.clone())
+            .collect();
+        assert_eq!(names, ["id", "_CHANGE_TYPE", "_CHANGE_SEQUENCE_NUMBER"]);
+        let row = r#"{"insertId":"x","json":{"id":"7","_CHANGE_TYPE":"UPSERT","_CHANGE_SEQUENCE_NUMBER":"A/0"}}"#;
+        assert!(e.encode(row).is_ok());
+        assert!(RowEncoder::new(&fields).encode(row).is_err());
+    }
+
+    #[test]
+    fn cdc_table_resource_has_primary_key_and_interval_staleness() {
+        let r = crate::client::cdc_table_resource(&["a".into(), "b".into()], 3725);
+        assert_eq!(
+            r["tableConstraints"]["primaryKey"]["columns"],
+            serde_json::json!(["a", "b"])
+        );
+        assert_eq!(r["maxStaleness"], "0-0 0 1:2:5");
     }
 }

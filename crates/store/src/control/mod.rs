@@ -115,6 +115,7 @@ fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<T
             .map(|w| w.parse())
             .transpose()
             .map_err(StoreError::Invalid)?,
+        max_staleness_s: r.try_get("max_staleness_s")?,
     })
 }
 
@@ -410,6 +411,16 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A CDC table's `max_staleness`, in seconds.
+    pub async fn set_max_staleness(&self, table_id: i64, seconds: i32) -> Result<()> {
+        sqlx::query("UPDATE table_specs SET max_staleness_s = $2 WHERE id = $1")
+            .bind(table_id)
+            .bind(seconds)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Name (or clear) the column that marks a table's rows deleted.
     pub async fn set_soft_delete_column(&self, table_id: i64, column: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE table_specs SET soft_delete_column = $2 WHERE id = $1")
@@ -467,7 +478,9 @@ impl ControlPlane {
                              AND s.synced_through >= cs.scanned_from
                              AND s.synced_through >= coalesce(s.changed_until, '-infinity'),
                              false) AS caught_up,
-                    s.last_success_at, s.last_error, s.consecutive_failures, ts.write_api
+                    s.last_success_at, s.last_error, s.consecutive_failures,
+                    -- CDC mode implies the Storage Write API whatever the spec names.
+                    CASE WHEN ts.mode = 'cdc' THEN 'storage (cdc)' ELSE ts.write_api END AS write_api
              FROM sync_state s
              JOIN tenants tn ON tn.id = s.tenant_id
              JOIN table_specs ts ON ts.id = s.table_id

@@ -33,6 +33,7 @@ fn plan(capture: Capture) -> SlicePlan {
         soft_delete_column: None,
         capture,
         write_api: None,
+        max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
     };
     let columns = [
         column("id", "int8", "bigint"),
@@ -110,6 +111,7 @@ fn spec(capture: Capture, keys: &[&str], cursor: &str, soft_delete: Option<&str>
         soft_delete_column: soft_delete.map(Into::into),
         capture,
         write_api: None,
+        max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
     }
 }
 

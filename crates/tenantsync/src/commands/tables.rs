@@ -5,7 +5,7 @@ use crate::cli::{TablesAdd, TablesCmd};
 use anyhow::Result;
 use std::process::ExitCode;
 use tenantsync_admin::cli_actor;
-use tenantsync_core::{Capture, TableSpec, WriteApi};
+use tenantsync_core::{Capture, Mode, TableSpec, WriteApi};
 use tenantsync_store::control::NewTableSpec;
 
 pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
@@ -70,6 +70,12 @@ async fn add(a: TablesAdd) -> Result<()> {
         .map(str::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let mode: Mode = a.mode.parse().map_err(anyhow::Error::msg)?;
+    if mode == Mode::Cdc && write_api == Some(WriteApi::InsertAll) {
+        anyhow::bail!(
+            "--mode cdc writes through the Storage Write API's default stream (its change pseudo-columns exist nowhere else); it cannot take --write-api insert-all"
+        );
+    }
     let admin = admin_with_source().await?;
     let mut spec = admin
         .add_table(
@@ -80,7 +86,7 @@ async fn add(a: TablesAdd) -> Result<()> {
                 key_columns: a.key,
                 cursor_column: a.cursor,
                 tenant_column: a.tenant_column,
-                mode: a.mode.parse().map_err(anyhow::Error::msg)?,
+                mode,
                 sync_interval_ms: a.interval_ms,
                 slice_rows: a.slice_rows,
                 soft_delete_column: a.soft_delete,
@@ -88,9 +94,14 @@ async fn add(a: TablesAdd) -> Result<()> {
             },
         )
         .await?;
+    let name = format!("{}.{}", spec.source_schema, spec.source_table);
     if let Some(w) = write_api {
-        let name = format!("{}.{}", spec.source_schema, spec.source_table);
         spec = admin.set_write_api(&cli_actor(), &name, Some(w)).await?;
+    }
+    if mode == Mode::Cdc && a.max_staleness_s != spec.max_staleness_s {
+        spec = admin
+            .set_max_staleness(&cli_actor(), &name, a.max_staleness_s)
+            .await?;
     }
     println!(
         "table {}.{} registered (key {}, {}, tenant column {}, mode {}, write api {})",
@@ -103,8 +114,15 @@ async fn add(a: TablesAdd) -> Result<()> {
         },
         spec.tenant_column,
         spec.mode,
-        spec.write_api
-            .map_or_else(|| "default".to_string(), |w| w.to_string())
+        if spec.mode == Mode::Cdc {
+            format!(
+                "storage (implied by mode cdc), max staleness {} s",
+                spec.max_staleness_s
+            )
+        } else {
+            spec.write_api
+                .map_or_else(|| "default".to_string(), |w| w.to_string())
+        }
     );
     Ok(())
 }

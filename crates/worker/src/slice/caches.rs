@@ -73,7 +73,14 @@ impl Worker {
         nonce: Option<&[u8]>,
     ) -> Result<WriteSink, WorkerError> {
         let client = self.client_for(tenant, nonce).await?;
-        match spec.write_api.unwrap_or(self.cfg.write_api) {
+        // CDC mode needs the Storage Write API's default stream (its pseudo-columns exist
+        // nowhere else): it implies that method whatever the table or deployment names.
+        let method = if spec.mode == tenantsync_core::Mode::Cdc {
+            WriteApi::Storage
+        } else {
+            spec.write_api.unwrap_or(self.cfg.write_api)
+        };
+        match method {
             WriteApi::InsertAll => Ok(WriteSink::InsertAll(client)),
             WriteApi::Storage => Ok(WriteSink::Storage(self.storage_sink(tenant, client).await?)),
         }

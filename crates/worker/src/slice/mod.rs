@@ -342,7 +342,7 @@ impl Worker {
     fn periodic_every(&self, spec: &TableSpec, progress: &Progress) -> Option<Duration> {
         let caught_up = progress.error.is_none() && !progress.next_run_in.is_zero();
         caught_up.then_some(match spec.mode {
-            Mode::Latest | Mode::History => self.cfg.compact_every,
+            Mode::Latest | Mode::History | Mode::Cdc => self.cfg.compact_every,
             Mode::Merge => self.cfg.merge_every,
         })
     }

@@ -11,7 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tenantsync_bigquery::{Sink, WriteSink};
-use tenantsync_core::{TableSpec, Tenant, WriteApi};
+use tenantsync_core::{Mode, TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,7 @@ impl<'a> Slice<'a> {
             tenant: self.tenant,
             batch_id: &self.batch_id,
             synced_at: &self.synced_at,
+            cdc: self.spec.mode == Mode::Cdc,
             horizon: self.horizon,
             want,
         }
@@ -427,6 +428,8 @@ struct PageRead<'a> {
     tenant: &'a Tenant,
     batch_id: &'a str,
     synced_at: &'a str,
+    /// CDC mode: rows carry `_CHANGE_TYPE` and `_CHANGE_SEQUENCE_NUMBER`.
+    cdc: bool,
     horizon: DateTime<Utc>,
     want: i64,
 }
@@ -442,6 +445,7 @@ impl PageRead<'_> {
             json,
             self.batch_id,
             self.synced_at,
+            self.cdc,
         );
         (r, body)
     }

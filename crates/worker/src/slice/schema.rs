@@ -14,6 +14,7 @@ pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDe
         fields: &plan.fields,
         keys: &spec.key_columns,
         mode: spec.mode,
+        max_staleness_s: spec.max_staleness_s,
     }
 }
 
