@@ -97,14 +97,15 @@ async fn create_source(env: &TestEnv, p: &Params) -> Result<()> {
     .execute(pool)
     .await?;
     let s = STORAGE_TABLE;
-    sqlx::raw_sql(&format!(
-        "CREATE TABLE {s} (LIKE {t} INCLUDING ALL);
-         INSERT INTO {s} SELECT * FROM {t};
-         VACUUM ANALYZE {t};
-         VACUUM ANALYZE {s};"
-    ))
-    .execute(pool)
-    .await?;
+    // One statement per call: VACUUM cannot run in the implicit transaction of a batch.
+    for sql in [
+        format!("CREATE TABLE {s} (LIKE {t} INCLUDING ALL)"),
+        format!("INSERT INTO {s} SELECT * FROM {t}"),
+        format!("VACUUM ANALYZE {t}"),
+        format!("VACUUM ANALYZE {s}"),
+    ] {
+        sqlx::raw_sql(&sql).execute(pool).await?;
+    }
     Ok(())
 }
 
