@@ -24,10 +24,12 @@ test: build
 	scripts/run-tests
 	scripts/check-deploy
 
-## bench: the three benchmarks of docs/benchmarks.md (release build, fresh databases each):
+## bench: the benchmarks of docs/benchmarks.md (release build, fresh databases each):
 ## idle scale (coordinator tick at 10,000 tenants × 10 tables), throughput (one worker vs a
-## psycopg + google-cloud-bigquery reference, against a zero-cost insertAll sink) and freshness
-## (lag at 1,000 tenants × 4 tables, 1,000 rows/s). The reference's venv: scripts/bench-env.
+## psycopg + google-cloud-bigquery reference, against a zero-cost insertAll sink), freshness
+## (lag at 1,000 tenants × 4 tables, 1,000 rows/s), and write methods (insertAll vs the Storage
+## Write API, back to back against zero-cost HTTP and gRPC sinks). The reference's venv:
+## scripts/bench-env.
 bench:
 	scripts/dev-env test
 	scripts/bench-env
@@ -35,6 +37,7 @@ bench:
 	set -a && . ./.env.test && set +a && ./target/release/bench_idle
 	set -a && . ./.env.test && set +a && ./target/release/bench_throughput
 	set -a && . ./.env.test && set +a && ./target/release/bench_freshness
+	set -a && . ./.env.test && set +a && ./target/release/bench_write_api
 
 lint:
 	cargo fmt --all --check

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cdc;
 pub mod chaos;
 pub mod grpc_faults;
+pub mod grpc_sink;
 pub mod http;
 pub mod interleave;
 pub mod sink;

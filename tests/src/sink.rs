@@ -4,11 +4,14 @@
 //! (dataset get/create, table create/get/patch, view create) get plausible answers from a small
 //! in-memory catalog, so the worker proceeds as against BigQuery.
 //!
+//! Per row it also keeps what insertAll would bill: max(1 KB, the size of the row's JSON).
+//!
 //! With lag recording on, the sink keeps `(_source_ts, acknowledged at)` per row: the
 //! freshness benchmark's measurement of source commit → insertAll acknowledgement.
 
 use crate::http::{serve, Handler, Request, Response};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,8 +32,10 @@ struct InsertAll<'a> {
 struct InsertRow<'a> {
     #[serde(rename = "insertId", borrow, default)]
     insert_id: Option<Cow<'a, str>>,
+    /// The row's JSON as sent (validated, not parsed further): its size is what insertAll
+    /// bills, and its `_source_ts` is read only when lag is recorded.
     #[serde(borrow)]
-    json: RowJson<'a>,
+    json: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -39,12 +44,19 @@ struct RowJson<'a> {
     source_ts: Option<Cow<'a, str>>,
 }
 
+/// insertAll bills every row as at least 1 KB.
+pub const INSERT_ALL_MIN_ROW_BYTES: u64 = 1024;
+
 /// What the sink has seen since it started or was last reset.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SinkStats {
     pub requests: u64,
     pub rows: u64,
     pub bytes: u64,
+    /// Bytes of the rows' `json` objects, and what insertAll bills for them: each row as
+    /// max(1 KB, its JSON size).
+    pub row_json_bytes: u64,
+    pub billable_bytes: u64,
     /// Bodies that were not valid insertAll JSON (answered 400).
     pub bad_requests: u64,
     /// Calls other than insertAll (dataset, table, view).
@@ -68,6 +80,8 @@ struct State {
     requests: AtomicU64,
     rows: AtomicU64,
     bytes: AtomicU64,
+    row_json_bytes: AtomicU64,
+    billable_bytes: AtomicU64,
     bad: AtomicU64,
     other: AtomicU64,
     window: Mutex<(Option<Instant>, Option<Instant>)>,
@@ -141,6 +155,8 @@ impl Sink {
             requests: s.requests.load(Ordering::Relaxed),
             rows: s.rows.load(Ordering::Relaxed),
             bytes: s.bytes.load(Ordering::Relaxed),
+            row_json_bytes: s.row_json_bytes.load(Ordering::Relaxed),
+            billable_bytes: s.billable_bytes.load(Ordering::Relaxed),
             bad_requests: s.bad.load(Ordering::Relaxed),
             other_calls: s.other.load(Ordering::Relaxed),
             first_ack,
@@ -151,7 +167,15 @@ impl Sink {
     /// Zero the counters (between the pipelines of one run).
     pub fn reset(&self) {
         let s = &self.state;
-        for c in [&s.requests, &s.rows, &s.bytes, &s.bad, &s.other] {
+        for c in [
+            &s.requests,
+            &s.rows,
+            &s.bytes,
+            &s.row_json_bytes,
+            &s.billable_bytes,
+            &s.bad,
+            &s.other,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
         *s.window.lock().unwrap() = (None, None);
@@ -216,7 +240,8 @@ fn insert_all(s: &State, req: &Request) -> Response {
             .rows
             .iter()
             .filter_map(|r| {
-                let source_us = r.json.source_ts.as_deref().and_then(parse_ts_us)?;
+                let json: RowJson = serde_json::from_str(r.json.get()).ok()?;
+                let source_us = json.source_ts.as_deref().and_then(parse_ts_us)?;
                 Some(LagSample {
                     insert_id: r.insert_id.as_deref().unwrap_or_default().to_string(),
                     source_us,
@@ -226,6 +251,14 @@ fn insert_all(s: &State, req: &Request) -> Response {
             .collect();
         s.lag.lock().unwrap().extend(samples);
     }
+    let (mut json_bytes, mut billable) = (0u64, 0u64);
+    for r in &parsed.rows {
+        let len = r.json.get().len() as u64;
+        json_bytes += len;
+        billable += len.max(INSERT_ALL_MIN_ROW_BYTES);
+    }
+    s.row_json_bytes.fetch_add(json_bytes, Ordering::Relaxed);
+    s.billable_bytes.fetch_add(billable, Ordering::Relaxed);
     s.rows.fetch_add(n, Ordering::Relaxed);
     s.bytes.fetch_add(req.body.len() as u64, Ordering::Relaxed);
     s.requests.fetch_add(1, Ordering::Relaxed);
