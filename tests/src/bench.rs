@@ -110,6 +110,69 @@ pub fn wide_table_sql(name: &str) -> String {
     )
 }
 
+/// Fill `table` (made by [`wide_table_sql`]) with `rows` rows spread over `tenants`
+/// organizations: cursor values over the hour that ended an hour ago, every row its own
+/// instant; one row in three was updated after its insert (so `_op` is sometimes 'update').
+pub async fn fill_wide_table(
+    pool: &sqlx::PgPool,
+    table: &str,
+    tenants: i64,
+    rows: i64,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO {table} (organization_id, contact_id, body, kind, direction, is_read, tags,
+                              media_ids, amount, score, attrs, sent_at, inserted_at, updated_at)
+         SELECT 1 + g % $1,
+                CASE WHEN g % 5 = 0 THEN NULL ELSE g % 100000 END,
+                'message ' || g || ' ' || md5(g::text),
+                (ARRAY['text', 'image', 'audio', 'video'])[1 + g % 4],
+                CASE WHEN g % 2 = 0 THEN 'inbound' ELSE 'outbound' END,
+                g % 3 = 0,
+                CASE WHEN g % 4 = 0 THEN NULL ELSE ARRAY['tag' || g % 7, 'vip'] END,
+                CASE WHEN g % 7 = 0 THEN ARRAY[g, g + 1] END,
+                CASE WHEN g % 6 = 0 THEN NULL ELSE (g % 100000) / 100.0 END,
+                CASE WHEN g % 9 = 0 THEN NULL ELSE (g % 1000) / 7.0 END,
+                CASE WHEN g % 8 = 0 THEN NULL
+                     ELSE jsonb_build_object('flow', 'registration', 'step', g % 12,
+                                             'answers', jsonb_build_array(g % 3, 'yes')) END,
+                ts - interval '1 second',
+                ts - CASE WHEN g % 3 = 0 THEN interval '1 minute' ELSE interval '0' END,
+                ts
+         FROM generate_series(1, $2) g,
+              LATERAL (SELECT now() - interval '2 hours'
+                              + (g::float8 / $2) * interval '1 hour' AS ts) t"
+    ))
+    .bind(tenants)
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Wait for `child` to exit (true: it succeeded); killed, and an error, after `limit`.
+pub async fn wait_child(child: &mut Child, limit: Duration) -> Result<bool> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("process did not finish within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The names of a test's two databases, for [`Meter`].
+pub fn env_dbs(env: &TestEnv) -> Vec<String> {
+    [&env.control_url, &env.source_url]
+        .iter()
+        .filter_map(|u| u.rsplit('/').next().map(str::to_string))
+        .collect()
+}
+
 /// Clock ticks per second of `/proc/*/stat` CPU times.
 pub fn clock_ticks() -> f64 {
     static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();

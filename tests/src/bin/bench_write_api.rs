@@ -69,33 +69,7 @@ async fn create_source(env: &TestEnv, p: &Params) -> Result<()> {
     sqlx::raw_sql(&bench::wide_table_sql(t))
         .execute(pool)
         .await?;
-    sqlx::query(&format!(
-        "INSERT INTO {t} (organization_id, contact_id, body, kind, direction, is_read, tags,
-                          media_ids, amount, score, attrs, sent_at, inserted_at, updated_at)
-         SELECT 1 + g % $1,
-                CASE WHEN g % 5 = 0 THEN NULL ELSE g % 100000 END,
-                'message ' || g || ' ' || md5(g::text),
-                (ARRAY['text', 'image', 'audio', 'video'])[1 + g % 4],
-                CASE WHEN g % 2 = 0 THEN 'inbound' ELSE 'outbound' END,
-                g % 3 = 0,
-                CASE WHEN g % 4 = 0 THEN NULL ELSE ARRAY['tag' || g % 7, 'vip'] END,
-                CASE WHEN g % 7 = 0 THEN ARRAY[g, g + 1] END,
-                CASE WHEN g % 6 = 0 THEN NULL ELSE (g % 100000) / 100.0 END,
-                CASE WHEN g % 9 = 0 THEN NULL ELSE (g % 1000) / 7.0 END,
-                CASE WHEN g % 8 = 0 THEN NULL
-                     ELSE jsonb_build_object('flow', 'registration', 'step', g % 12,
-                                             'answers', jsonb_build_array(g % 3, 'yes')) END,
-                ts - interval '1 second',
-                ts - CASE WHEN g % 3 = 0 THEN interval '1 minute' ELSE interval '0' END,
-                ts
-         FROM generate_series(1, $2) g,
-              LATERAL (SELECT now() - interval '2 hours'
-                              + (g::float8 / $2) * interval '1 hour' AS ts) t"
-    ))
-    .bind(p.tenants)
-    .bind(p.rows)
-    .execute(pool)
-    .await?;
+    bench::fill_wide_table(pool, t, p.tenants, p.rows).await?;
     let s = STORAGE_TABLE;
     // One statement per call: VACUUM cannot run in the implicit transaction of a batch.
     for sql in [
@@ -168,21 +142,6 @@ impl Figures {
     }
 }
 
-async fn wait_child(child: &mut std::process::Child, limit: Duration) -> Result<bool> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status.success());
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("process did not finish within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Sinks {
     http: Sink,
     grpc: GrpcSink,
@@ -212,11 +171,11 @@ async fn run_once(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let meter = Meter::start(admin.clone(), env_dbs(env)).await;
+    let meter = Meter::start(admin.clone(), bench::env_dbs(env)).await;
     let t0 = Instant::now();
     let mut child = bench::tenantsync(env, &sinks.http.host(), &["run", "--once"], &extra, &log)?;
     meter.watch(LABEL, child.id());
-    let ok = wait_child(&mut child, Duration::from_secs(1800)).await?;
+    let ok = bench::wait_child(&mut child, Duration::from_secs(1800)).await?;
     let wall = t0.elapsed().as_secs_f64();
     let meter = meter.finish().await;
     if !ok {
@@ -289,13 +248,6 @@ async fn run_storage(
         ),
         ok,
     })
-}
-
-fn env_dbs(env: &TestEnv) -> Vec<String> {
-    [&env.control_url, &env.source_url]
-        .iter()
-        .filter_map(|u| u.rsplit('/').next().map(str::to_string))
-        .collect()
 }
 
 fn print(f: &Figures, source_rows: i64) {
