@@ -36,17 +36,14 @@ use tonic::transport::Channel;
 
 /// A batch's streams: the one being appended to (name, next offset), and the ones finalized
 /// because the table's schema changed under them. All are committed together.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Batch {
     table: String,
     open: Option<(String, i64)>,
     finalized: Vec<String>,
-    started: Option<Instant>,
+    started: Instant,
     /// Why this batch can never be committed (its stream does not hold what was appended).
     poisoned: Option<String>,
-    /// Committed; kept until the listing is written, so a listing retried after a failure
-    /// does not find the batch gone.
-    committed: bool,
 }
 
 /// Batches never committed (their slice failed or died) are forgotten after this long; their
@@ -141,23 +138,26 @@ impl StorageSink {
             .insert(table.to_string(), e);
     }
 
+    /// The batch's state, made at its first append (when abandoned ones are dropped: not on
+    /// every append).
     fn batch(&self, table: &str, batch_id: &str) -> Arc<tokio::sync::Mutex<Batch>> {
         let mut batches = self.batches.lock().expect("batches");
+        if let Some(b) = batches.get(batch_id) {
+            return b.clone();
+        }
         batches.retain(|_, b| {
-            b.try_lock().map_or(true, |b| {
-                b.started.is_none_or(|t| t.elapsed() < ABANDONED_AFTER)
-            })
+            b.try_lock()
+                .map_or(true, |b| b.started.elapsed() < ABANDONED_AFTER)
         });
-        batches
-            .entry(batch_id.to_string())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(Batch {
-                    table: table.to_string(),
-                    started: Some(Instant::now()),
-                    ..Default::default()
-                }))
-            })
-            .clone()
+        let b = Arc::new(tokio::sync::Mutex::new(Batch {
+            table: table.to_string(),
+            open: None,
+            finalized: Vec::new(),
+            started: Instant::now(),
+            poisoned: None,
+        }));
+        batches.insert(batch_id.to_string(), b.clone());
+        b
     }
 
     /// The table's schema changed: the open streams of its batches were created for the old
@@ -235,9 +235,10 @@ impl StorageSink {
         }
     }
 
-    /// Finalize and commit the batch's streams, checking that each holds what was appended.
-    /// Safe to repeat after any failure: the batch's state changes only once a step is done,
-    /// and a commit whose answer was lost is recognised by the streams' commit times.
+    /// Finalize and commit the batch's streams, checking that each holds what was appended,
+    /// then forget the batch. Safe to repeat after any failure: the batch's state changes only
+    /// once a step is done, and a commit whose answer was lost is recognised by the streams'
+    /// commit times.
     async fn commit_batch(&self, table: &str, batch_id: &str, rows: i64) -> Result<(), BqError> {
         let found = self.batches.lock().expect("batches").get(batch_id).cloned();
         let Some(batch) = found else {
@@ -254,9 +255,6 @@ impl StorageSink {
         // Transient for the task: its next slice sends the rows again in a new stream.
         if let Some(reason) = &b.poisoned {
             return Err(BqError::Transient(reason.clone()));
-        }
-        if b.committed {
-            return Ok(());
         }
         if let Some((name, appended)) = b.open.clone() {
             let count = self.write.finalize(&name).await?;
@@ -279,9 +277,9 @@ impl StorageSink {
                     return Err(e);
                 }
             }
-            b.finalized.clear();
         }
-        b.committed = true;
+        drop(b);
+        self.batches.lock().expect("batches").remove(batch_id);
         Ok(())
     }
 }
@@ -370,7 +368,6 @@ impl Sink for StorageSink {
         }
         if let Some(current) = batch_ids.last() {
             self.commit_batch(table, current, rows).await?;
-            self.batches.lock().expect("batches").remove(current);
         }
         Ok(InsertOutcome::default())
     }
