@@ -183,6 +183,15 @@ fn changelog_pick(rng: &mut rand::rngs::StdRng) -> String {
     }
 }
 
+/// Tenants `org-<n>` for each organization of `TENANTS`.
+async fn add_tenants(env: &TestEnv) -> Vec<Tenant> {
+    let mut tenants = Vec::new();
+    for org in TENANTS {
+        tenants.push(env.add_tenant(&format!("org-{org}"), org).await.unwrap());
+    }
+    tenants
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changelog_interleavings_applied_as_bigquery_cdc_equal_postgres() {
     let seed = seed();
@@ -208,10 +217,7 @@ async fn changelog_interleavings_applied_as_bigquery_cdc_equal_postgres() {
     .await
     .unwrap();
     let spec = cdc_table(&env, Capture::Changelog, None, 120).await;
-    let mut tenants = Vec::new();
-    for org in TENANTS {
-        tenants.push(env.add_tenant(&format!("org-{org}"), org).await.unwrap());
-    }
+    let tenants = add_tenants(&env).await;
     let applied = write_sync_compare(
         &env,
         &tenants,
@@ -282,10 +288,7 @@ async fn cursor_interleavings_with_soft_deletes_applied_as_bigquery_cdc_equal_po
     .unwrap();
     let spec = cdc_table(&env, Capture::Cursor, Some("deleted_at"), 900).await;
     assert_eq!(spec.mode, Mode::Cdc);
-    let mut tenants = Vec::new();
-    for org in TENANTS {
-        tenants.push(env.add_tenant(&format!("org-{org}"), org).await.unwrap());
-    }
+    let tenants = add_tenants(&env).await;
     let applied = write_sync_compare(
         &env,
         &tenants,
