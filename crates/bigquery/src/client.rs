@@ -455,10 +455,17 @@ impl Sink for BigQuery {
         &self,
         table: &str,
         _batch_id: &str,
-        rows: &[&str],
+        rows: &[&tenantsync_core::Payload],
     ) -> Result<InsertOutcome, BqError> {
+        // JSON rows are borrowed as they are; a protobuf message (a table switched from the
+        // Storage Write API under a running slice) is read back into its JSON.
+        let json: Vec<_> = rows
+            .iter()
+            .map(|p| p.json().map_err(BqError::Invalid))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&str> = json.iter().map(|c| c.as_ref()).collect();
         // The insertIds de-duplicate a repeated request; each row names its batch itself.
-        self.insert_all(table, rows).await
+        self.insert_all(table, &refs).await
     }
 
     async fn list_batches(

@@ -10,7 +10,7 @@ use crate::{BigQuery, StorageSink};
 use std::future::Future;
 use std::sync::Arc;
 use tenantsync_core::mapping::BqField;
-use tenantsync_core::{Mode, WriteApi};
+use tenantsync_core::{Mode, Payload, WriteApi};
 
 /// A refused row of an append. `reason` is BigQuery's: `invalid` (or another cause) for the
 /// offending rows, `stopped` for rows that were fine but not written because others in their
@@ -54,10 +54,11 @@ pub struct TableDef<'a> {
 
 /// One tenant's dataset, as a slice writes to it.
 ///
-/// A row is the text `{"insertId":"…","json":{…}}`: what insertAll sends as it is, and what
-/// the dead-letter table keeps. A sink that writes another way takes the `json` object from it
-/// (its de-duplication may come from elsewhere, stream offsets say, instead of the insertId).
-/// Every method is idempotent, so a caller may repeat one whose answer it did not get.
+/// A row is a [`Payload`]: the text `{"insertId":"…","json":{…}}` (what insertAll sends as it
+/// is, and what the dead-letter table keeps), or a protobuf message encoded from the binary
+/// Postgres values for the Storage Write API. Either sink takes either form (the other one is
+/// converted), so a table whose write method changed under a slice still syncs. Every method
+/// is idempotent, so a caller may repeat one whose answer it did not get.
 pub trait Sink: Send + Sync {
     /// The dataset's name, for log lines.
     fn dataset(&self) -> &str;
@@ -84,7 +85,7 @@ pub trait Sink: Send + Sync {
         &self,
         table: &str,
         batch_id: &str,
-        rows: &[&str],
+        rows: &[&Payload],
     ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
 
     /// List `batch_ids` in `_sync_batches` as committed batches of `table`, the last one (the
@@ -138,7 +139,7 @@ impl Sink for WriteSink {
         &self,
         table: &str,
         batch_id: &str,
-        rows: &[&str],
+        rows: &[&Payload],
     ) -> Result<InsertOutcome, BqError> {
         match self {
             Self::InsertAll(s) => s.append(table, batch_id, rows).await,

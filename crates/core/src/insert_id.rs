@@ -2,8 +2,9 @@
 //!
 //! A retry of the same row version must carry the same insertId so BigQuery's best-effort dedup
 //! drops it, and `_latest` can still tell versions apart. The id hashes tenant, table, key,
-//! cursor value *and* the rendered row: two different contents never share an id, even when an
-//! application writes the same `updated_at` twice.
+//! cursor value *and* the rendered row (its JSON, or its protobuf message for the Storage Write
+//! API): two different contents never share an id, even when an application writes the same
+//! `updated_at` twice.
 
 /// 32 hex characters (128 bits of BLAKE3): far below insertId's 128-character limit.
 pub fn insert_id(
@@ -11,18 +12,18 @@ pub fn insert_id(
     table: &str,
     key: &[String],
     cursor: &str,
-    row_json: &str,
+    row: impl AsRef<[u8]>,
 ) -> String {
     let mut h = blake3::Hasher::new();
     h.update(&tenant_id.to_le_bytes());
     // Length-prefix every variable part so ("ab","c") and ("a","bc") hash differently.
-    for part in [table]
+    for part in [table.as_bytes()]
         .into_iter()
-        .chain(key.iter().map(String::as_str))
-        .chain([cursor, row_json])
+        .chain(key.iter().map(String::as_bytes))
+        .chain([cursor.as_bytes(), row.as_ref()])
     {
         h.update(&(part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
+        h.update(part);
     }
     let digest = h.finalize();
     let mut hex = [0u8; 32];

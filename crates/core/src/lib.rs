@@ -9,7 +9,10 @@ pub mod mapping;
 pub mod model;
 pub mod names;
 pub mod org_id;
+pub mod payload;
+pub mod proto;
 pub mod retry;
 pub mod wire;
 
 pub use model::{Capture, Mode, TableSpec, Tenant, TenantStatus, WriteApi};
+pub use payload::Payload;

@@ -59,7 +59,7 @@ pub enum WireError {
 type Result<T> = std::result::Result<T, WireError>;
 
 /// Days from 0001-01-01 (chrono's day 1 of the common era) to 2000-01-01, Postgres' epoch.
-const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
+pub(crate) const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
 const USECS_PER_DAY: i64 = 86_400_000_000;
 
 /// Append the JSON of one value. `None` is SQL NULL: `null` for a scalar, `[]` for an array
@@ -78,6 +78,19 @@ pub fn render(wire: Wire, array: bool, value: Option<&[u8]>, out: &mut String) -
 /// dimension, then every element as (length or -1 for NULL, bytes). Any dimension count
 /// flattens to one JSON array in storage order, as the unnest-based rendering did.
 fn render_array(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
+    out.push('[');
+    for (i, e) in array_elements(wire, v)?.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        scalar(wire, e, out)?;
+    }
+    out.push(']');
+    Ok(())
+}
+
+/// The non-NULL elements of a binary array, in storage order, every dimension flattened.
+pub fn array_elements(wire: Wire, v: &[u8]) -> Result<Vec<&[u8]>> {
     let bad = || WireError::MalformedArray { wire };
     let mut r = Reader(v);
     let ndim = r.i32().ok_or_else(bad)?;
@@ -91,22 +104,17 @@ fn render_array(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
         r.take(4).ok_or_else(bad)?;
         count = count.checked_mul(i64::from(len.max(0))).ok_or_else(bad)?;
     }
-    out.push('[');
-    let mut first = true;
+    // Each element takes at least its 4-byte length: a count beyond that is a malformed value,
+    // not an allocation to make.
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(r.0.len() / 4));
     for _ in 0..count {
         let len = r.i32().ok_or_else(bad)?;
         if len < 0 {
             continue;
         }
-        let e = r.take(len as usize).ok_or_else(bad)?;
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        scalar(wire, e, out)?;
+        out.push(r.take(len as usize).ok_or_else(bad)?);
     }
-    out.push(']');
-    Ok(())
+    Ok(out)
 }
 
 fn scalar(wire: Wire, v: &[u8], out: &mut String) -> Result<()> {
@@ -292,7 +300,7 @@ pub fn string(s: &str, out: &mut String) {
 
 /// `numeric_send`: ndigits, weight, sign, dscale, then base-10000 digits; printed like
 /// `numeric_out` (all `dscale` fractional digits, no exponent).
-fn numeric(v: &[u8], out: &mut String) -> Option<()> {
+pub(crate) fn numeric(v: &[u8], out: &mut String) -> Option<()> {
     let mut r = Reader(v);
     let ndigits = r.i16()?;
     let weight = i32::from(r.i16()?);
@@ -376,7 +384,7 @@ fn date(days: i32, out: &mut String) -> Option<bool> {
 }
 
 /// `HH:MM:SS` and the microseconds without trailing zeros (`.5`, none when 0).
-fn time(us: i64, out: &mut String) {
+pub(crate) fn time(us: i64, out: &mut String) {
     let secs = us.div_euclid(1_000_000);
     let frac = us.rem_euclid(1_000_000);
     push_padded(out, secs / 3600, 2);
@@ -398,7 +406,7 @@ fn time(us: i64, out: &mut String) {
 /// `2024-01-31<sep>12:00:00.5<tz>` (the fraction without trailing zeros), ` BC` after BC dates,
 /// `infinity`/`-infinity` as is: Postgres' JSON rendering with `T` and `+00:00`, its text
 /// output with a space and `+00`.
-fn timestamp(us: i64, sep: char, tz: &str, out: &mut String) -> Option<()> {
+pub(crate) fn timestamp(us: i64, sep: char, tz: &str, out: &mut String) -> Option<()> {
     match us {
         i64::MAX => out.push_str("infinity"),
         i64::MIN => out.push_str("-infinity"),

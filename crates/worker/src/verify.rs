@@ -319,6 +319,8 @@ impl Worker {
                     cursor_ts: now,
                     tenant: Some(tenant.organization_id.clone()),
                     json: serde_json::Value::Object(obj).to_string(),
+                    proto: None,
+                    op: "delete".into(),
                     seq: None,
                 }
             })
@@ -339,11 +341,11 @@ impl Worker {
     ) -> Result<usize, WorkerError> {
         let batch_id = format!("{}-{}-resync-{nonce}", tenant.id, spec.id);
         let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-        let payloads: Vec<String> = rows
+        let payloads: Vec<tenantsync_core::Payload> = rows
             .iter()
-            .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at))
+            .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at).into())
             .collect();
-        let sizes: Vec<usize> = payloads.iter().map(String::len).collect();
+        let sizes: Vec<usize> = payloads.iter().map(tenantsync_core::Payload::len).collect();
         let (never, stop) = (CancellationToken::new(), CancellationToken::new());
         let def = table_def(spec, plan);
         let cx = SendCtx {

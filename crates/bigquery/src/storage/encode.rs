@@ -1,28 +1,23 @@
-//! Rows as the Storage Write API takes them: a protobuf message per row, described by a
-//! descriptor built from the BigQuery table's schema.
+//! Rows given as insertAll JSON (`{"insertId":…,"json":{…}}`), as protobuf messages.
 //!
-//! The encoder takes the row from its insertAll payload (`{"insertId":…,"json":{…}}`), so the
-//! dead-letter table and the insertAll path keep one row format. Every value is checked
-//! against its column's type and BigQuery's ranges here, before anything is sent: a pending
-//! stream's rows are only validated at its commit by the local BigQuery, which then drops the
-//! whole batch while answering success, so a bad value must never reach a stream.
+//! A slice's rows come encoded from the binary Postgres values already
+//! ([`tenantsync_core::proto`]); JSON rows reach this sink when a row's value failed that
+//! encoding (this encoder then refuses it naming the column: a dead letter), when a dead
+//! letter is retried, and when `verify` repairs rows. Every value is checked against its
+//! column's type and BigQuery's ranges here too, before anything is sent: a pending stream's
+//! rows are only validated at its commit by the local BigQuery, which then drops the whole
+//! batch while answering success, so a bad value must never reach a stream.
 
 use crate::sink::RowError;
 use base64::Engine;
 use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime};
 use prost::encoding::{bool as pbool, bytes as pbytes, double, int32, int64, string};
-use prost_types::field_descriptor_proto::{Label, Type};
-use prost_types::{DescriptorProto, FieldDescriptorProto};
+use prost_types::DescriptorProto;
 use serde_json::Value;
 use std::collections::HashMap;
-use tenantsync_core::cdc;
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
-
-/// BigQuery's DATE range in days since 1970-01-01 (0001-01-01 ..= 9999-12-31).
-const DATE_DAYS: std::ops::RangeInclusive<i64> = -719_162..=2_932_896;
-/// BigQuery's TIMESTAMP range in microseconds since the epoch.
-const TIMESTAMP_MICROS: std::ops::RangeInclusive<i64> =
-    -62_135_596_800_000_000..=253_402_300_799_999_999;
+use tenantsync_core::proto::{self, check_decimal, ProtoSchema, DATE_DAYS, TIMESTAMP_MICROS};
+use tenantsync_core::Payload;
 
 #[derive(Debug, Clone)]
 struct Column {
@@ -39,9 +34,9 @@ pub struct RowEncoder {
     columns: HashMap<String, Column>,
 }
 
-/// A payload's row, borrowed from its text.
+/// A JSON payload's row, borrowed from its text.
 #[derive(serde::Deserialize)]
-struct Payload<'a> {
+struct JsonRow<'a> {
     #[serde(borrow)]
     json: HashMap<&'a str, Value>,
 }
@@ -49,37 +44,20 @@ struct Payload<'a> {
 impl RowEncoder {
     /// From the table's full schema (source columns and metadata columns).
     pub fn new(fields: &[BqField]) -> Self {
-        let mut columns = HashMap::with_capacity(fields.len());
-        let mut field = Vec::with_capacity(fields.len());
-        for (i, f) in fields.iter().enumerate() {
-            let tag = i as u32 + 1;
-            let repeated = f.mode == FieldMode::Repeated;
-            field.push(FieldDescriptorProto {
-                name: Some(f.name.clone()),
-                number: Some(tag as i32),
-                label: Some(if repeated {
-                    Label::Repeated
-                } else {
-                    Label::Optional
-                } as i32),
-                r#type: Some(proto_type(f.field_type) as i32),
-                ..Default::default()
-            });
-            columns.insert(
-                f.name.to_ascii_lowercase(),
-                Column {
-                    tag,
+        let columns = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let col = Column {
+                    tag: i as u32 + 1,
                     field_type: f.field_type,
-                    repeated,
-                },
-            );
-        }
+                    repeated: f.mode == FieldMode::Repeated,
+                };
+                (f.name.to_ascii_lowercase(), col)
+            })
+            .collect();
         Self {
-            descriptor: DescriptorProto {
-                name: Some("Row".into()),
-                field,
-                ..Default::default()
-            },
+            descriptor: proto::descriptor(fields),
             columns,
         }
     }
@@ -89,28 +67,35 @@ impl RowEncoder {
     /// and does not store.
     pub fn with_cdc(fields: &[BqField]) -> Self {
         let mut all = fields.to_vec();
-        for name in [cdc::CHANGE_TYPE, cdc::CHANGE_SEQUENCE_NUMBER] {
-            if !all.iter().any(|f| f.name.eq_ignore_ascii_case(name)) {
-                all.push(BqField {
-                    name: name.to_string(),
-                    field_type: BqType::String,
-                    mode: FieldMode::Nullable,
-                });
+        for f in proto::cdc_fields() {
+            if !all.iter().any(|a| a.name.eq_ignore_ascii_case(&f.name)) {
+                all.push(f);
             }
         }
         Self::new(&all)
+    }
+
+    /// The encoder of rows in a reader's message layout: its messages go as they are, and
+    /// JSON rows next to them are encoded with the same field numbers.
+    pub fn of_schema(schema: &ProtoSchema) -> Self {
+        Self::new(schema.fields())
     }
 
     pub fn descriptor(&self) -> &DescriptorProto {
         &self.descriptor
     }
 
-    /// Encode every row, or say which rows cannot be (reason `invalid`, naming the column).
-    pub fn encode_all(&self, rows: &[&str]) -> Result<Vec<Vec<u8>>, Vec<RowError>> {
+    /// Every row as a protobuf message: messages as they are (in this encoder's layout: see
+    /// [`Self::of_schema`]), JSON rows encoded; or which rows cannot be.
+    pub fn encode_payloads(&self, rows: &[&Payload]) -> Result<Vec<Vec<u8>>, Vec<RowError>> {
         let mut out = Vec::with_capacity(rows.len());
         let mut errors = Vec::new();
         for (index, r) in rows.iter().enumerate() {
-            match self.encode(r) {
+            let encoded = match r {
+                Payload::Proto { bytes, .. } => Ok(bytes.clone()),
+                Payload::Json(json) => self.encode(json),
+            };
+            match encoded {
                 Ok(b) => out.push(b),
                 Err(message) => errors.push(RowError {
                     index,
@@ -128,7 +113,7 @@ impl RowEncoder {
 
     /// One payload as a protobuf message.
     pub fn encode(&self, payload: &str) -> Result<Vec<u8>, String> {
-        let p: Payload<'_> =
+        let p: JsonRow<'_> =
             serde_json::from_str(payload).map_err(|e| format!("row is not a JSON object: {e}"))?;
         let mut buf = Vec::with_capacity(payload.len());
         for (name, v) in &p.json {
@@ -149,24 +134,6 @@ impl RowEncoder {
             }
         }
         Ok(buf)
-    }
-}
-
-/// The protobuf type each BigQuery type is sent as (the preferred one where there is a choice;
-/// text for NUMERIC, DATETIME, TIME and JSON, whose literals BigQuery parses).
-fn proto_type(t: BqType) -> Type {
-    match t {
-        BqType::Int64 | BqType::Timestamp => Type::Int64,
-        BqType::Float64 => Type::Double,
-        BqType::Bool => Type::Bool,
-        BqType::Bytes => Type::Bytes,
-        BqType::Date => Type::Int32,
-        BqType::String
-        | BqType::Numeric
-        | BqType::BigNumeric
-        | BqType::Time
-        | BqType::DateTime
-        | BqType::Json => Type::String,
     }
 }
 
@@ -272,20 +239,9 @@ fn date_days(s: &str) -> Result<i32, String> {
     }
 }
 
-/// A plain decimal literal (`-12.5`) with at most `int_digits` digits before the point and
-/// `frac_digits` after: what NUMERIC (29, 9) and BIGNUMERIC (38, 38) hold. `NaN` and
-/// infinities are refused.
+/// A decimal literal within `int_digits` and `frac_digits` digits, as it is.
 fn decimal(s: &str, int_digits: usize, frac_digits: usize, name: &str) -> Result<String, String> {
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    if int.is_empty() || !all_digits(int) || !all_digits(frac) {
-        return Err(format!("{s:?} is not a {name}"));
-    }
-    if int.trim_start_matches('0').len() > int_digits || frac.len() > frac_digits {
-        return Err(format!("{s:?} is outside {name}'s precision"));
-    }
-    Ok(s.to_string())
+    check_decimal(s, int_digits, frac_digits, name).map(|()| s.to_string())
 }
 
 #[cfg(test)]
@@ -346,7 +302,10 @@ mod tests {
         let desc = encoder();
         let desc = desc.descriptor();
         assert_eq!(desc.field.len(), 8);
-        assert_eq!(desc.field[4].label, Some(Label::Repeated as i32));
+        assert_eq!(
+            desc.field[4].label,
+            Some(prost_types::field_descriptor_proto::Label::Repeated as i32)
+        );
     }
 
     #[test]
@@ -369,19 +328,11 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(needle), "{json}: {err}");
         }
-        let errs = e
-            .encode_all(&[r#"{"json":{"id":"1"}}"#, r#"{"json":{"id":"z"}}"#])
-            .unwrap_err();
+        let rows =
+            [r#"{"json":{"id":"1"}}"#, r#"{"json":{"id":"z"}}"#].map(|r| Payload::Json(r.into()));
+        let errs = e.encode_payloads(&[&rows[0], &rows[1]]).unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].index, 1);
         assert_eq!(errs[0].reason, "invalid");
-    }
-
-    #[test]
-    fn decimals_within_precision_pass_unchanged() {
-        assert_eq!(decimal("-0.05", 29, 9, "N").unwrap(), "-0.05");
-        assert!(decimal("1.0000000001", 29, 9, "N").is_err());
-        assert!(decimal("00012", 2, 0, "N").is_ok());
-        assert!(decimal("-.5", 29, 9, "N").is_err());
     }
 }

@@ -32,6 +32,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
+use tenantsync_core::proto::ProtoSchema;
+use tenantsync_core::Payload;
 use tonic::transport::Channel;
 
 /// A batch's streams: the one being appended to (name, next offset), and the ones finalized
@@ -71,6 +73,15 @@ pub fn is_cdc_payload(row: &str) -> bool {
     };
     tail.strip_suffix("\"}}")
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/'))
+}
+
+/// The layout of the rows' messages, when any row came encoded by the reader (one slice's rows
+/// share their plan's layout).
+fn message_schema<'a>(rows: &[&'a Payload]) -> Option<&'a Arc<ProtoSchema>> {
+    rows.iter().find_map(|r| match r {
+        Payload::Proto { schema, .. } => Some(schema),
+        Payload::Json(_) => None,
+    })
 }
 
 /// The encoder cache's key of a table's rows, plain or with CDC pseudo-columns.
@@ -338,15 +349,25 @@ impl Sink for StorageSink {
         Ok(change)
     }
 
+    /// Rows encoded by the reader go as they are, in their own layout; JSON rows (a value the
+    /// reader could not encode, dead-letter retries, repairs) are encoded here, which refuses
+    /// what BigQuery would (a row error naming the column, before anything is sent).
     async fn append(
         &self,
         table: &str,
         batch_id: &str,
-        rows: &[&str],
+        rows: &[&Payload],
     ) -> Result<InsertOutcome, BqError> {
-        let cdc = rows.first().is_some_and(|r| is_cdc_payload(r));
-        let enc = self.encoder(table, cdc).await?;
-        match enc.encode_all(rows) {
+        let (enc, cdc) = match message_schema(rows) {
+            Some(schema) => (Arc::new(RowEncoder::of_schema(schema)), schema.is_cdc()),
+            None => {
+                let cdc = rows
+                    .first()
+                    .is_some_and(|r| matches!(r, Payload::Json(j) if is_cdc_payload(j)));
+                (self.encoder(table, cdc).await?, cdc)
+            }
+        };
+        match enc.encode_payloads(rows) {
             Ok(encoded) if cdc => self.append_default(table, &enc, encoded).await,
             Ok(encoded) => self.append_pending(table, batch_id, &enc, encoded).await,
             Err(row_errors) => Ok(InsertOutcome { row_errors }),

@@ -39,7 +39,14 @@ pub struct SourceRow {
     pub cursor_ts: DateTime<Utc>,
     /// The row's tenant column as text, for the per-row isolation check.
     pub tenant: Option<String>,
+    /// The row's JSON object (its source columns, `_op`, `_source_ts`); empty when the row
+    /// came as [`Self::proto`].
     pub json: String,
+    /// The row's protobuf message (source columns, `_op`, `_source_ts`), when its plan
+    /// encodes rows that way ([`SlicePlan::proto`]) and every value could be encoded.
+    pub proto: Option<Vec<u8>>,
+    /// `insert`, `update` or `delete` (the change, or the soft-delete state of the row).
+    pub op: String,
     /// Changelog capture: the change's sequence number. The watermark is then (txid, seq),
     /// not (cursor, key).
     pub seq: Option<String>,

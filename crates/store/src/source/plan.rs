@@ -4,8 +4,10 @@
 
 use super::catalog_fingerprint;
 use crate::error::{Result, StoreError};
+use std::sync::Arc;
 use tenantsync_core::ident::quote_pg;
 use tenantsync_core::mapping::{map_column, BqField, PgColumn};
+use tenantsync_core::proto::ProtoSchema;
 use tenantsync_core::wire::{self, Wire};
 use tenantsync_core::{Capture, TableSpec};
 
@@ -30,6 +32,10 @@ pub struct SlicePlan {
     /// Cursor capture: the key, cursor and tenant texts of a row are printed from its source
     /// columns here instead of being selected as text too (see [`Derived`]).
     pub(super) derived: Option<Derived>,
+    /// Tables written through the Storage Write API: slice reads encode each row's protobuf
+    /// message from the binary values, in this layout, instead of its JSON
+    /// ([`super::SourceRow::proto`]).
+    pub proto: Option<Arc<ProtoSchema>>,
 }
 
 /// Positions (in [`SlicePlan::columns`]) of the columns whose text forms make a row's key,
@@ -199,7 +205,16 @@ impl SlicePlan {
             sql,
             columns: common.row_columns,
             derived,
+            proto: None,
         })
+    }
+
+    /// This plan with slice reads encoding rows as protobuf messages (see [`Self::proto`]):
+    /// the fields are the source columns in select-list order, so field `i` is column `i`.
+    pub fn with_proto(mut self, cdc: bool) -> Self {
+        debug_assert_eq!(self.fields.len(), self.columns.len());
+        self.proto = Some(Arc::new(ProtoSchema::new(&self.fields, cdc)));
+        self
     }
 
     /// The plan for columns whose catalog fingerprint is `fingerprint` (see [`Self::catalog`]).

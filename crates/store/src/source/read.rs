@@ -102,7 +102,7 @@ impl SourceReader {
                 Some(l) => l,
                 None => *layout.insert(Layout::checked(plan, &r, false)?),
             };
-            out.push(f(source_row(plan, &l, &r)?));
+            out.push(f(source_row(plan, &l, &r, plan.proto.as_deref())?));
         }
         Ok(out)
     }
@@ -179,7 +179,7 @@ impl SourceReader {
                 .ok()
                 .and_then(|i| out.get_mut(i))
                 .ok_or_else(|| StoreError::Invalid(format!("group read returned request {i}")))?;
-            slot.push(source_row(plan, &l, &r)?);
+            slot.push(source_row(plan, &l, &r, plan.proto.as_deref())?);
         }
         Ok(out)
     }
@@ -310,7 +310,8 @@ impl SourceReader {
                 Some(l) => l,
                 None => *layout.insert(Layout::of(plan, &r, false)?),
             };
-            out.push(source_row(plan, &l, &r)?);
+            // Verify compares and repairs rows as JSON, whatever the table's write method.
+            out.push(source_row(plan, &l, &r, None)?);
         }
         Ok(out)
     }

@@ -6,6 +6,7 @@ use crate::error::{Result, StoreError};
 use chrono::DateTime;
 use sqlx::postgres::PgRow;
 use sqlx::{Column, Row};
+use tenantsync_core::proto::{self, ProtoSchema};
 use tenantsync_core::wire::{self, Wire};
 
 /// Where a read's columns are. Every slice, group and range statement selects seven named
@@ -117,9 +118,16 @@ pub(super) fn stale_plan(plan: &SlicePlan, e: sqlx::Error) -> StoreError {
 }
 
 /// A row of the slice and range queries (see [`Layout`]): the source columns' binary values
-/// become the row's JSON object ([`row_json`]); its key, cursor and tenant are the fixed
-/// columns' texts, or printed from its source columns (see [`super::plan::Derived`]).
-pub(super) fn source_row(plan: &SlicePlan, l: &Layout, r: &PgRow) -> Result<SourceRow> {
+/// become the row's protobuf message in `proto`'s layout ([`row_proto`]) or, without one or
+/// when a value cannot be encoded, its JSON object ([`row_json`]); its key, cursor and tenant
+/// are the fixed columns' texts, or printed from its source columns (see
+/// [`super::plan::Derived`]).
+pub(super) fn source_row(
+    plan: &SlicePlan,
+    l: &Layout,
+    r: &PgRow,
+    proto: Option<&ProtoSchema>,
+) -> Result<SourceRow> {
     let text = |i: usize, what: &str| -> Result<Option<String>> {
         binary(&r.try_get_raw(i)?, what)?
             .map(|b| {
@@ -150,7 +158,14 @@ pub(super) fn source_row(plan: &SlicePlan, l: &Layout, r: &PgRow) -> Result<Sour
             StoreError::Invalid(format!("a row of {} has no version time", plan.table))
         })?;
     let op = text(l.op, "op")?.unwrap_or_default();
-    let json = row_json(plan, l, r, &op, cts_bytes)?;
+    // A value BigQuery cannot hold (an infinite date, 24:00) is not encoded: the row goes as
+    // JSON, whose encoder in the sink refuses it naming the column, and it is dead-lettered
+    // with its key like any row BigQuery refuses.
+    let proto = proto.and_then(|p| row_proto(plan, p, l, r, &op, cts_bytes).ok());
+    let json = match proto {
+        Some(_) => String::new(),
+        None => row_json(plan, l, r, &op, cts_bytes)?,
+    };
     let (key, cursor, tenant) = match &plan.derived {
         Some(d) => (
             d.key
@@ -172,8 +187,39 @@ pub(super) fn source_row(plan: &SlicePlan, l: &Layout, r: &PgRow) -> Result<Sour
         cursor_ts,
         tenant,
         json,
+        proto,
+        op,
         seq: text(l.seq, "seq")?,
     })
+}
+
+/// The row's protobuf message: its source columns, `_op` and `_source_ts`; NULLs are left
+/// out (an absent field is NULL, and an empty repeated field an empty array). An error names
+/// the column whose value cannot be sent.
+fn row_proto(
+    plan: &SlicePlan,
+    schema: &ProtoSchema,
+    l: &Layout,
+    r: &PgRow,
+    op: &str,
+    cts_bytes: Option<&[u8]>,
+) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(128 + 16 * plan.columns.len());
+    for (i, c) in plan.columns.iter().enumerate() {
+        let Some(bytes) = binary(&r.try_get_raw(l.source(i))?, &c.name)? else {
+            continue;
+        };
+        let (tag, bq) = (schema.source_tag(i), schema.source_type(i));
+        proto::encode_binary(tag, bq, c.wire, c.array, bytes, &mut buf)
+            .map_err(|e| StoreError::Invalid(format!("column {:?}: {e}", c.name)))?;
+    }
+    let m = schema.meta_tags();
+    proto::encode_str(m.op, op, &mut buf);
+    let cts = cts_bytes.and_then(wire::unix_micros).ok_or_else(|| {
+        StoreError::Invalid(format!("a row of {} has no version time", plan.table))
+    })?;
+    proto::encode_micros(m.source_ts, cts, &mut buf);
+    Ok(buf)
 }
 
 /// The row's JSON object: its source columns, `_op` and `_source_ts`. NULL scalars are left

@@ -73,16 +73,20 @@ impl Worker {
         nonce: Option<&[u8]>,
     ) -> Result<WriteSink, WorkerError> {
         let client = self.client_for(tenant, nonce).await?;
-        // CDC mode needs the Storage Write API's default stream (its pseudo-columns exist
-        // nowhere else): it implies that method whatever the table or deployment names.
-        let method = if spec.mode == tenantsync_core::Mode::Cdc {
+        match self.write_method(spec) {
+            WriteApi::InsertAll => Ok(WriteSink::InsertAll(client)),
+            WriteApi::Storage => Ok(WriteSink::Storage(self.storage_sink(tenant, client).await?)),
+        }
+    }
+
+    /// How `spec`'s rows are written. CDC mode needs the Storage Write API's default stream
+    /// (its pseudo-columns exist nowhere else): it implies that method whatever the table or
+    /// deployment names.
+    pub(crate) fn write_method(&self, spec: &TableSpec) -> WriteApi {
+        if spec.mode == tenantsync_core::Mode::Cdc {
             WriteApi::Storage
         } else {
             spec.write_api.unwrap_or(self.cfg.write_api)
-        };
-        match method {
-            WriteApi::InsertAll => Ok(WriteSink::InsertAll(client)),
-            WriteApi::Storage => Ok(WriteSink::Storage(self.storage_sink(tenant, client).await?)),
         }
     }
 
@@ -160,7 +164,12 @@ impl Worker {
             .source
             .catalog(&spec.source_schema, &spec.source_table)
             .await?;
-        let plan = SlicePlan::build(spec, &columns)?.with_catalog(fingerprint);
+        let mut plan = SlicePlan::build(spec, &columns)?.with_catalog(fingerprint);
+        // Storage Write tables: slice reads encode each row's message straight from the
+        // binary values (no JSON rendered, then parsed again in the sink).
+        if self.write_method(spec) == WriteApi::Storage {
+            plan = plan.with_proto(spec.mode == tenantsync_core::Mode::Cdc);
+        }
         let plan = Arc::new(plan);
         self.caches.plans.lock().await.insert(
             spec.id,

@@ -1,7 +1,7 @@
 //! The slice itself: read its rows page by page (the next page read while this one is sent),
 //! check every row's tenant, send each page, list the batch, and work out what to commit.
 
-use super::payload::payload_from;
+use super::payload::{row_payload, RowMeta};
 use super::schema::table_def;
 use super::send::SendCtx;
 use super::{CrashPoint, SliceRun};
@@ -11,7 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tenantsync_bigquery::{Sink, WriteSink};
-use tenantsync_core::{Mode, TableSpec, Tenant, WriteApi};
+use tenantsync_core::{Mode, Payload, TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,8 @@ use tracing::{debug, info};
 /// Most rows a slice's first read takes through the read batcher (see [`Worker::next_read`]).
 const SHARED_READ_ROWS: i64 = 200;
 
-/// A page read: each row with its insertAll payload.
-type ReadResult = Result<Vec<(SourceRow, String)>, StoreError>;
+/// A page read: each row with its payload.
+type ReadResult = Result<Vec<(SourceRow, Payload)>, StoreError>;
 
 /// What every page of one slice shares.
 struct Slice<'a> {
@@ -31,7 +31,9 @@ struct Slice<'a> {
     sink: &'a WriteSink,
     horizon: DateTime<Utc>,
     batch_id: String,
+    /// `_synced_at` of the slice's rows: text (JSON rows) and microseconds (messages).
     synced_at: String,
+    synced_at_us: i64,
     /// Rows in all, and per page.
     limit: i64,
     page_rows: i64,
@@ -47,6 +49,7 @@ impl<'a> Slice<'a> {
             tenant: self.tenant,
             batch_id: &self.batch_id,
             synced_at: &self.synced_at,
+            synced_at_us: self.synced_at_us,
             cdc: self.spec.mode == Mode::Cdc,
             horizon: self.horizon,
             want,
@@ -98,6 +101,7 @@ impl Worker {
         self.ensure_schema(&sink, tenant, spec, &plan, claim)
             .await?;
         let limit = i64::from(spec.slice_rows);
+        let now = Utc::now();
         let s = Slice {
             tenant,
             spec,
@@ -105,7 +109,8 @@ impl Worker {
             sink: &sink,
             horizon,
             batch_id: batch_id(&sink, tenant, spec, claim),
-            synced_at: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+            synced_at: now.to_rfc3339_opts(SecondsFormat::Micros, true),
+            synced_at_us: now.timestamp_micros(),
             limit,
             // A slice is read and sent in pages: memory is concurrency × page rows × row
             // size, whatever the slice size (a whole 20,000-row slice held at once made a
@@ -175,7 +180,7 @@ impl Worker {
                     return Err(e.into());
                 }
             };
-            let (rows, payloads): (Vec<SourceRow>, Vec<String>) = read.into_iter().unzip();
+            let (rows, payloads): (Vec<SourceRow>, Vec<Payload>) = read.into_iter().unzip();
             check_tenant(s.tenant, s.spec, &rows)?;
             match self.send_one(s, &mut p, want, &rows, &payloads).await? {
                 Step::Next => {}
@@ -220,7 +225,7 @@ impl Worker {
         p: &mut Pages,
         want: i64,
         rows: &[SourceRow],
-        payloads: &[String],
+        payloads: &[Payload],
     ) -> Result<Step, WorkerError> {
         let cx = SendCtx {
             sink: s.sink,
@@ -368,7 +373,7 @@ impl Worker {
                 position,
                 p.horizon,
                 p.want,
-                |r| p.with_payload(&plan.table, r),
+                |r| p.with_payload(plan, r),
             )
             .await
     }
@@ -390,10 +395,7 @@ impl Worker {
                 limit: p.want,
             })
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| p.with_payload(&plan.table, r))
-            .collect())
+        Ok(rows.into_iter().map(|r| p.with_payload(plan, r)).collect())
     }
 }
 
@@ -428,6 +430,7 @@ struct PageRead<'a> {
     tenant: &'a Tenant,
     batch_id: &'a str,
     synced_at: &'a str,
+    synced_at_us: i64,
     /// CDC mode: rows carry `_CHANGE_TYPE` and `_CHANGE_SEQUENCE_NUMBER`.
     cdc: bool,
     horizon: DateTime<Utc>,
@@ -435,18 +438,18 @@ struct PageRead<'a> {
 }
 
 impl PageRead<'_> {
-    /// A row read for this page, with its insertAll payload built in the row's own JSON buffer.
-    fn with_payload(&self, table: &str, mut r: SourceRow) -> (SourceRow, String) {
-        let json = std::mem::take(&mut r.json);
-        let body = payload_from(
-            self.tenant.id,
-            table,
-            &r,
-            json,
-            self.batch_id,
-            self.synced_at,
-            self.cdc,
-        );
+    /// A row read for this page, with its payload built from the row's own message or JSON
+    /// (moved out of the row: holding both doubled the page's memory).
+    fn with_payload(&self, plan: &SlicePlan, mut r: SourceRow) -> (SourceRow, Payload) {
+        let meta = RowMeta {
+            tenant_id: self.tenant.id,
+            table: &plan.table,
+            batch_id: self.batch_id,
+            synced_at: self.synced_at,
+            synced_at_us: self.synced_at_us,
+            cdc: self.cdc,
+        };
+        let body = row_payload(&meta, &mut r, plan.proto.as_ref());
         (r, body)
     }
 }

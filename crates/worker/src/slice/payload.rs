@@ -1,27 +1,82 @@
-//! A row as the sink takes it: `{"insertId":…,"json":{…}}`, with the metadata columns.
+//! A row as the sink takes it, with the metadata columns: `{"insertId":…,"json":{…}}`, or
+//! the row's protobuf message (Storage Write API tables, see [`tenantsync_core::proto`]).
 
+use std::sync::Arc;
 use tenantsync_core::cdc::{self, ChangeType};
 use tenantsync_core::insert_id::insert_id;
+use tenantsync_core::proto::{self, ProtoSchema};
+use tenantsync_core::Payload;
 use tenantsync_store::SourceRow;
 
-/// The row's `_op` metadata column, read from its JSON (every other field skipped).
-#[derive(serde::Deserialize)]
-struct Op<'a> {
-    #[serde(rename = "_op", borrow, default)]
-    op: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// CDC mode's pseudo-columns of a row: `_CHANGE_TYPE` from its `_op` (a changelog delete, a
+/// CDC mode's pseudo-columns of a row: `_CHANGE_TYPE` from its op (a changelog delete, a
 /// soft-deleted row or the old key of a key change is `DELETE`, anything else `UPSERT`), and
 /// `_CHANGE_SEQUENCE_NUMBER` from its version (see [`cdc::version_sections`]).
-pub(crate) fn cdc_columns(r: &SourceRow, json: &str) -> (ChangeType, String) {
-    let op = serde_json::from_str::<Op<'_>>(json)
-        .ok()
-        .and_then(|o| o.op)
-        .map_or(ChangeType::Upsert, |o| ChangeType::from_op(&o));
+pub(crate) fn cdc_columns(r: &SourceRow) -> (ChangeType, String) {
+    let op = ChangeType::from_op(&r.op);
     let seq = r.seq.as_deref().and_then(|s| s.parse::<i64>().ok());
     let sections = cdc::version_sections(r.cursor_ts.timestamp_micros(), seq);
     (op, cdc::sequence_number(&sections))
+}
+
+/// What the rows of one slice share in their metadata columns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowMeta<'a> {
+    pub(crate) tenant_id: i64,
+    pub(crate) table: &'a str,
+    pub(crate) batch_id: &'a str,
+    /// `_synced_at`, as text (JSON) and in microseconds (messages).
+    pub(crate) synced_at: &'a str,
+    pub(crate) synced_at_us: i64,
+    pub(crate) cdc: bool,
+}
+
+/// The row as its sink takes it: its message with the metadata fields appended when the
+/// reader encoded one, its JSON otherwise. The row's JSON or message is moved out of it.
+pub(crate) fn row_payload(
+    m: &RowMeta<'_>,
+    r: &mut SourceRow,
+    schema: Option<&Arc<ProtoSchema>>,
+) -> Payload {
+    match (r.proto.take(), schema) {
+        (Some(bytes), Some(schema)) => message_payload(m, r, bytes, schema),
+        _ => {
+            let json = std::mem::take(&mut r.json);
+            Payload::Json(payload_from(
+                m.tenant_id,
+                m.table,
+                r,
+                json,
+                m.batch_id,
+                m.synced_at,
+                m.cdc,
+            ))
+        }
+    }
+}
+
+/// The metadata fields appended to the row's message (protobuf fields may come in any order).
+/// The version id hashes the message as the JSON path hashes the JSON.
+fn message_payload(
+    m: &RowMeta<'_>,
+    r: &SourceRow,
+    mut bytes: Vec<u8>,
+    schema: &Arc<ProtoSchema>,
+) -> Payload {
+    let id = insert_id(m.tenant_id, m.table, &r.key, &r.cursor, &bytes);
+    let tags = schema.meta_tags();
+    bytes.reserve(64 + m.batch_id.len());
+    proto::encode_micros(tags.synced_at, m.synced_at_us, &mut bytes);
+    proto::encode_str(tags.batch_id, m.batch_id, &mut bytes);
+    proto::encode_str(tags.version_id, &id, &mut bytes);
+    if let (Some(change_type), Some(seq_tag)) = (tags.change_type, tags.change_sequence_number) {
+        let (op, seq) = cdc_columns(r);
+        proto::encode_str(change_type, op.as_str(), &mut bytes);
+        proto::encode_str(seq_tag, &seq, &mut bytes);
+    }
+    Payload::Proto {
+        bytes,
+        schema: schema.clone(),
+    }
 }
 
 /// `{"insertId":…,"json":{<row>,"_synced_at":…,"_batch_id":…,"_version_id":…}}`, spliced
@@ -57,7 +112,7 @@ pub(super) fn payload_from(
     cdc: bool,
 ) -> String {
     let id = insert_id(tenant_id, table, &r.key, &r.cursor, &json);
-    let change = cdc.then(|| cdc_columns(r, &json));
+    let change = cdc.then(|| cdc_columns(r));
     json.truncate(json.trim_end().len());
     if json.ends_with('}') {
         json.pop();
@@ -97,6 +152,8 @@ mod tests {
             cursor_ts: Utc::now(),
             tenant: Some("1".into()),
             json: r#"{"id":"7","name":"a}b","_op":"insert","_source_ts":"2024-01-01T00:00:00.000000Z"}"#.into(),
+            proto: None,
+            op: "insert".into(),
             seq: None,
         };
         let p = payload(1, "contacts", &r, "1-2-3", "2024-01-01T00:00:01.000000Z");
@@ -115,6 +172,8 @@ mod tests {
             cursor_ts: ts.parse().unwrap(),
             tenant: Some("1".into()),
             json: format!(r#"{{"id":"7","note":"_op:delete","_op":"{op}"}}"#),
+            proto: None,
+            op: op.into(),
             seq: seq.map(str::to_string),
         }
     }
@@ -138,27 +197,75 @@ mod tests {
             );
         }
         // Cursor capture: no seq; a later cursor time is a later version.
-        let a = cdc_columns(&row("update", at, None), &row("update", at, None).json).1;
+        let a = cdc_columns(&row("update", at, None)).1;
         let later = "2024-01-01T00:00:00.000001Z";
-        let b = cdc_columns(
-            &row("update", later, None),
-            &row("update", later, None).json,
-        )
-        .1;
+        let b = cdc_columns(&row("update", later, None)).1;
         assert_eq!(
             tenantsync_core::cdc::compare_sequence_numbers(&a, &b),
             Some(std::cmp::Ordering::Less)
         );
         // Changelog: at one change time, seq decides.
-        let c1 = cdc_columns(&row("update", at, Some("9")), &row("update", at, None).json).1;
-        let c2 = cdc_columns(
-            &row("delete", at, Some("10")),
-            &row("delete", at, None).json,
-        )
-        .1;
+        let c1 = cdc_columns(&row("update", at, Some("9"))).1;
+        let c2 = cdc_columns(&row("delete", at, Some("10"))).1;
         assert_eq!(
             tenantsync_core::cdc::compare_sequence_numbers(&c1, &c2),
             Some(std::cmp::Ordering::Less)
         );
+    }
+
+    /// A message row gets the metadata the JSON path gives it, read back field for field.
+    #[test]
+    fn message_rows_carry_the_metadata_of_json_rows() {
+        use tenantsync_core::mapping::{BqField, BqType, FieldMode};
+        let fields = [BqField {
+            name: "id".into(),
+            field_type: BqType::Int64,
+            mode: FieldMode::Nullable,
+        }];
+        for cdc in [false, true] {
+            let schema = Arc::new(ProtoSchema::new(&fields, cdc));
+            let mut msg = Vec::new();
+            proto::encode_micros(schema.source_tag(0), 7, &mut msg); // an INT64 is a varint too
+            let tags = schema.meta_tags();
+            proto::encode_str(tags.op, "delete", &mut msg);
+            let mut r = row("delete", "2024-01-01T00:00:00Z", Some("42"));
+            r.proto = Some(msg);
+            let m = RowMeta {
+                tenant_id: 1,
+                table: "t",
+                batch_id: "w1-2-3",
+                synced_at: "2024-01-01T00:00:01.000000Z",
+                synced_at_us: 1_704_067_201_000_000,
+                cdc,
+            };
+            let p = row_payload(&m, &mut r, Some(&schema));
+            assert!(r.proto.is_none(), "the message moves into the payload");
+            let v: serde_json::Value = serde_json::from_str(&p.json().unwrap()).unwrap();
+            let want = payload_from(1, "t", &r, r.json.clone(), m.batch_id, m.synced_at, cdc);
+            let want: serde_json::Value = serde_json::from_str(&want).unwrap();
+            for k in [
+                "_op",
+                "_batch_id",
+                "_synced_at",
+                "_CHANGE_TYPE",
+                "_CHANGE_SEQUENCE_NUMBER",
+            ] {
+                assert_eq!(v["json"][k], want["json"][k], "{k} (cdc {cdc})");
+            }
+            assert_eq!(v["json"]["id"], "7");
+            assert_eq!(v["insertId"], v["json"]["_version_id"]);
+            assert_eq!(v["insertId"].as_str().unwrap().len(), 32);
+        }
+        // Without a layout (the plan had none) the row goes as JSON.
+        let mut r = row("insert", "2024-01-01T00:00:00Z", None);
+        let m = RowMeta {
+            tenant_id: 1,
+            table: "t",
+            batch_id: "b",
+            synced_at: "2024-01-01T00:00:00Z",
+            synced_at_us: 0,
+            cdc: false,
+        };
+        assert!(matches!(row_payload(&m, &mut r, None), Payload::Json(_)));
     }
 }

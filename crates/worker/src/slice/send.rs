@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tenantsync_bigquery::{BqError, InsertOutcome, Retry, RowError, Sink, TableDef};
 use tenantsync_core::chunk::{self, Limits};
 use tenantsync_core::retry::RetryPolicy;
-use tenantsync_core::{TableSpec, Tenant};
+use tenantsync_core::{Payload, TableSpec, Tenant};
 use tenantsync_store::control::dead_letters::{DeadLetter, NewDeadLetter};
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::SourceRow;
@@ -52,7 +52,7 @@ pub(crate) struct SendCtx<'a, S, C> {
     pub(crate) task: TaskId,
     pub(crate) rows: &'a [SourceRow],
     /// The rows as the sink takes them, in the same order.
-    pub(crate) payloads: &'a [String],
+    pub(crate) payloads: &'a [Payload],
     pub(crate) policy: RetryPolicy,
     pub(crate) lost: &'a CancellationToken,
     pub(crate) shutdown: &'a CancellationToken,
@@ -78,7 +78,7 @@ impl<S: Sink, C: SendControl> SendCtx<'_, S, C> {
         deadline: Instant,
         hooks: &dyn Hooks,
     ) -> Result<Option<Page>, WorkerError> {
-        let sizes: Vec<usize> = self.payloads.iter().map(String::len).collect();
+        let sizes: Vec<usize> = self.payloads.iter().map(Payload::len).collect();
         // `handled[i]`: row i is in BigQuery or in the dead-letter table. The watermark moves
         // to the end of the handled prefix only.
         let mut handled = vec![false; self.rows.len()];
@@ -147,7 +147,7 @@ impl<S: Sink, C: SendControl> SendCtx<'_, S, C> {
         let mut failures = 0u32;
         loop {
             self.wait_for_slot(items.len()).await?;
-            let body: Vec<&str> = items.iter().map(|&i| self.payloads[i].as_str()).collect();
+            let body: Vec<&Payload> = items.iter().map(|&i| &self.payloads[i]).collect();
             let t0 = Instant::now();
             let result = self.sink.append(self.def.table, self.batch_id, &body).await;
             let secs = t0.elapsed().as_secs_f64();
@@ -277,7 +277,9 @@ impl<S: Sink, C: SendControl> SendCtx<'_, S, C> {
                     .or(reasons.last())
                     .cloned()
                     .unwrap_or_default(),
-                payload: self.payloads[i].clone(),
+                // A message is kept as the JSON it reads back as: dead letters are read,
+                // retried and discarded as JSON whatever the write method.
+                payload: self.payloads[i].json_lossy().into_owned(),
             })
             .collect();
         self.control.dead_letter(self.task, &letters).await?;
@@ -371,7 +373,11 @@ impl Worker {
         let spec = self.deps.control.table(d.table_id).await?;
         let client = self.client(&tenant).await?;
         let out = client
-            .append(&spec.bq_table(), "dead-letter", &[d.payload.as_str()])
+            .append(
+                &spec.bq_table(),
+                "dead-letter",
+                &[&Payload::Json(d.payload.clone())],
+            )
             .await?;
         match out.row_errors.first() {
             None => Ok(()),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tenantsync_bigquery::{BqError, InsertOutcome, RowError, TableDef};
 use tenantsync_core::chunk::{Limits, ENVELOPE_BYTES};
 use tenantsync_core::retry::RetryPolicy;
-use tenantsync_core::{Capture, Mode, TableSpec, Tenant, TenantStatus};
+use tenantsync_core::{Capture, Mode, Payload, TableSpec, Tenant, TenantStatus};
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::SourceRow;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ struct Fixture {
     tenant: Tenant,
     spec: TableSpec,
     rows: Vec<SourceRow>,
-    payloads: Vec<String>,
+    payloads: Vec<Payload>,
     keys: Vec<String>,
     lost: CancellationToken,
     shutdown: CancellationToken,
@@ -139,7 +139,8 @@ async fn one_invalid_row_among_500_is_dead_lettered_and_499_are_sent() {
     let letters = f.control.letters.lock().unwrap();
     assert_eq!(letters[0].reason, "invalid: bad value");
     assert_eq!(
-        letters[0].payload, f.payloads[137],
+        Payload::Json(letters[0].payload.clone()),
+        f.payloads[137],
         "the row as it was sent"
     );
     // The refused request, then the 499 stopped rows once more.
@@ -288,7 +289,9 @@ async fn a_row_over_the_request_limit_is_dead_lettered_unsent() {
         // Room for a request of one row as made, not for one 200 bytes longer.
         max_bytes: f.payloads[0].len() + ENVELOPE_BYTES + 100,
     };
-    f.payloads[1].push_str(&" ".repeat(200));
+    if let Payload::Json(p) = &mut f.payloads[1] {
+        p.push_str(&" ".repeat(200));
+    }
     let far = Instant::now() + Duration::from_secs(60);
     let page = f
         .cx()

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tenantsync_bigquery::schema::SchemaChange;
 use tenantsync_bigquery::{BqError, InsertOutcome, RowError, Sink, TableDef};
-use tenantsync_core::Tenant;
+use tenantsync_core::{Payload, Tenant};
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::{SourceRow, StoreError};
@@ -71,7 +71,8 @@ impl MemorySink {
         self.state.lock().unwrap().ensured
     }
 
-    fn answer(&self, rows: &[&str]) -> Result<InsertOutcome, BqError> {
+    fn answer(&self, rows: &[&Payload]) -> Result<InsertOutcome, BqError> {
+        let rows: Vec<String> = rows.iter().map(|p| p.json_lossy().into_owned()).collect();
         let mut s = self.state.lock().unwrap();
         s.appends.push(rows.len());
         if let Some(answer) = s.scripted.pop_front() {
@@ -135,7 +136,7 @@ impl Sink for MemorySink {
         &self,
         _table: &str,
         _batch_id: &str,
-        rows: &[&str],
+        rows: &[&Payload],
     ) -> Result<InsertOutcome, BqError> {
         self.answer(rows)
     }
@@ -178,7 +179,11 @@ impl SendControl for MemoryControl {
 
 /// `n` rows of tenant 1 with their payloads; the rows at `invalid` are refused by the sink on
 /// their own, those at `poison` make it refuse their whole request.
-pub(crate) fn rows(n: usize, invalid: &[usize], poison: &[usize]) -> (Vec<SourceRow>, Vec<String>) {
+pub(crate) fn rows(
+    n: usize,
+    invalid: &[usize],
+    poison: &[usize],
+) -> (Vec<SourceRow>, Vec<Payload>) {
     let rows: Vec<SourceRow> = (0..n)
         .map(|i| {
             let mark = if invalid.contains(&i) {
@@ -194,13 +199,15 @@ pub(crate) fn rows(n: usize, invalid: &[usize], poison: &[usize]) -> (Vec<Source
                 cursor_ts: Utc::now(),
                 tenant: Some("1".into()),
                 json: format!(r#"{{"id":{i}{mark},"_op":"insert"}}"#),
+                proto: None,
+                op: "insert".into(),
                 seq: None,
             }
         })
         .collect();
     let payloads = rows
         .iter()
-        .map(|r| payload(1, "t", r, "1-1-1", "2024-01-01T00:00:00.000000Z"))
+        .map(|r| payload(1, "t", r, "1-1-1", "2024-01-01T00:00:00.000000Z").into())
         .collect();
     (rows, payloads)
 }
