@@ -2,9 +2,13 @@
 //! operator allowed), or a fixed token for the local emulator.
 
 use crate::error::BqError;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
 
 const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
 
@@ -203,7 +207,25 @@ pub fn parse_service_account(json: &SecretString) -> Result<ServiceAccount, BqEr
 #[derive(Clone)]
 pub(crate) enum TokenSource {
     Fixed(&'static str),
-    ServiceAccount(Arc<yup_oauth2::authenticator::DefaultAuthenticator>),
+    ServiceAccount(Arc<ServiceAccountTokens>),
+}
+
+/// Token fetches (requests to a token endpoint) per second per process, with a burst of as
+/// many. A worker that starts with a thousand tenants, or one whose tenants' tokens all expire
+/// together, queues its fetches instead of sending a thousand signed requests at once; a key
+/// the endpoint keeps refusing is asked again at most at this pace, whatever its slices do.
+const TOKEN_FETCHES_PER_SECOND: u32 = 20;
+
+static TOKEN_FETCH_LIMIT: LazyLock<DefaultDirectRateLimiter> = LazyLock::new(|| {
+    RateLimiter::direct(Quota::per_second(
+        NonZeroU32::new(TOKEN_FETCHES_PER_SECOND).expect("non-zero"),
+    ))
+});
+
+/// One tenant's key and its current token.
+pub(crate) struct ServiceAccountTokens {
+    auth: yup_oauth2::authenticator::DefaultAuthenticator,
+    cache: TokenCache,
 }
 
 impl TokenSource {
@@ -232,7 +254,10 @@ impl TokenSource {
                             e.kind()
                         ))
                     })?;
-                Ok(Self::ServiceAccount(Arc::new(auth)))
+                Ok(Self::ServiceAccount(Arc::new(ServiceAccountTokens {
+                    auth,
+                    cache: TokenCache::default(),
+                })))
             }
         }
     }
@@ -240,13 +265,63 @@ impl TokenSource {
     pub(crate) async fn token(&self) -> Result<String, BqError> {
         match self {
             Self::Fixed(t) => Ok((*t).to_string()),
-            Self::ServiceAccount(a) => {
-                let tok = a.token(&[SCOPE]).await.map_err(classify_token_error)?;
-                tok.token().map(str::to_string).ok_or_else(|| {
-                    BqError::CredentialsRejected("token endpoint returned no access token".into())
-                })
+            Self::ServiceAccount(sa) => {
+                let fetch = || async {
+                    let tok = sa
+                        .auth
+                        .token(&[SCOPE])
+                        .await
+                        .map_err(classify_token_error)?;
+                    let value = tok.token().map(str::to_string).ok_or_else(|| {
+                        BqError::CredentialsRejected(
+                            "token endpoint returned no access token".into(),
+                        )
+                    })?;
+                    Ok((value, tok.expiration_time().map(SystemTime::from)))
+                };
+                sa.cache.get(&TOKEN_FETCH_LIMIT, fetch).await
             }
         }
+    }
+}
+
+/// A tenant's current access token, fetched again a minute before it expires.
+///
+/// Every slice of a tenant asks for its token before each request. The cache answers them
+/// without a fetch while the token is good; when it is not, one caller fetches (through the
+/// process-wide limiter) while the others wait for its answer instead of fetching too. A failed
+/// fetch is not cached: the next caller tries again, behind the limiter.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    current: tokio::sync::Mutex<Option<(String, Option<SystemTime>)>>,
+}
+
+/// How long before its expiry a token is replaced (yup-oauth2's own margin).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+impl TokenCache {
+    async fn get<F, Fut>(
+        &self,
+        limit: &DefaultDirectRateLimiter,
+        fetch: F,
+    ) -> Result<String, BqError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(String, Option<SystemTime>), BqError>>,
+    {
+        let mut current = self.current.lock().await;
+        let fresh = |expires: &Option<SystemTime>| {
+            expires.is_none_or(|t| t > SystemTime::now() + EXPIRY_MARGIN)
+        };
+        if let Some((token, expires)) = current.as_ref() {
+            if fresh(expires) {
+                return Ok(token.clone());
+            }
+        }
+        limit.until_ready().await;
+        let (token, expires) = fetch().await?;
+        *current = Some((token.clone(), expires));
+        Ok(token)
     }
 }
 
@@ -403,6 +478,87 @@ mod tests {
             TokenUriPolicy::allowing(" , ").unwrap(),
             TokenUriPolicy::google_only()
         );
+    }
+
+    /// A fake token endpoint: counts its fetches, answers `tok-N` valid for `valid`.
+    async fn fetcher(
+        calls: &std::sync::atomic::AtomicUsize,
+        valid: Duration,
+    ) -> Result<(String, Option<SystemTime>), BqError> {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok((format!("tok-{n}"), Some(SystemTime::now() + valid)))
+    }
+
+    fn limiter(burst: u32) -> DefaultDirectRateLimiter {
+        RateLimiter::direct(Quota::per_hour(NonZeroU32::new(burst).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_until_the_token_nears_expiry() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cache = TokenCache::default();
+        let limit = limiter(10);
+        let calls = AtomicUsize::new(0);
+        let hour = Duration::from_secs(3600);
+        let tokens =
+            futures::future::join_all((0..50).map(|_| cache.get(&limit, || fetcher(&calls, hour))))
+                .await;
+        assert!(tokens.iter().all(|t| t.as_ref().unwrap() == "tok-0"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Within the margin of its expiry a token is replaced.
+        let cache = TokenCache::default();
+        let soon = Duration::from_secs(30);
+        assert_eq!(
+            cache.get(&limit, || fetcher(&calls, soon)).await.unwrap(),
+            "tok-1"
+        );
+        assert_eq!(
+            cache.get(&limit, || fetcher(&calls, soon)).await.unwrap(),
+            "tok-2"
+        );
+        // A failed fetch is not kept: the next caller fetches again.
+        let cache = TokenCache::default();
+        let refused = cache
+            .get(&limit, || async {
+                Err(BqError::CredentialsRejected("refused".into()))
+            })
+            .await;
+        assert!(refused.is_err());
+        assert_eq!(
+            cache.get(&limit, || fetcher(&calls, hour)).await.unwrap(),
+            "tok-3"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetches_past_the_limit_wait_for_it() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let limit = limiter(2);
+        let calls = AtomicUsize::new(0);
+        let hour = Duration::from_secs(3600);
+        let (a, b, c) = (
+            TokenCache::default(),
+            TokenCache::default(),
+            TokenCache::default(),
+        );
+        a.get(&limit, || fetcher(&calls, hour)).await.unwrap();
+        b.get(&limit, || fetcher(&calls, hour)).await.unwrap();
+        // The third tenant's fetch would exceed two an hour: it waits, nothing is sent.
+        let third = tokio::time::timeout(
+            Duration::from_millis(300),
+            c.get(&limit, || fetcher(&calls, hour)),
+        )
+        .await;
+        assert!(third.is_err(), "the third fetch went past the limit");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Cached tokens need no fetch, so the limit does not hold them up.
+        let again = tokio::time::timeout(
+            Duration::from_secs(5),
+            a.get(&limit, || fetcher(&calls, hour)),
+        )
+        .await;
+        assert_eq!(again.unwrap().unwrap(), "tok-0");
     }
 
     #[test]
