@@ -4,7 +4,8 @@
 //! (some after the rows landed, some landing them twice) and compaction runs on a short window.
 //! It ends with `verify` clean, every `_latest` equal to Postgres row for row and no row in a
 //! dataset that is not its tenant's; the longest pause in progress after each fault is printed
-//! and bounded.
+//! and bounded. `chaos_grpc.rs` runs the same schedule with the workers writing through the
+//! Storage Write API, a share of its gRPC calls failing instead.
 //!
 //! Postgres and Redis are the test's own (`tenantsync_tests::chaos`): restarting the shared
 //! ones would break every other test running at the same time.
@@ -15,6 +16,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tenantsync_store::{ControlPlane, SourceReader};
 use tenantsync_tests::chaos::{self, ControlWatch, FaultProxy, PgCluster, RedisServer};
+use tenantsync_tests::grpc_faults::{FaultPlan, GrpcFaultProxy};
 use tenantsync_tests::interleave::{bq_pairs_by, pg_pairs};
 use tenantsync_tests::{scalar_i64, Proc, TestEnv};
 
@@ -227,12 +229,18 @@ fn leader(redis: &RedisServer, env: &TestEnv) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// Wait until, after the fault's recovery, an insertAll was acknowledged, a watermark
-/// committed and every task moved forward, or `limit` passed. The first two alone are not
-/// enough: work already queued or in flight produces them while scheduling is down.
-async fn wait_progress(proxy: &FaultProxy, watch: &ControlWatch, f: &FaultRecord, limit: Duration) {
+/// Wait until, after the fault's recovery, an insertAll was acknowledged (that write method
+/// only), a watermark committed and every task moved forward, or `limit` passed. The first two
+/// alone are not enough: work already queued or in flight produces them while scheduling is
+/// down.
+async fn wait_progress(
+    inserts: Option<&chaos::Events>,
+    watch: &ControlWatch,
+    f: &FaultRecord,
+    limit: Duration,
+) {
     let t = f.recovered;
-    while (proxy.inserts.first_after(t).is_none()
+    while (inserts.is_some_and(|i| i.first_after(t).is_none())
         || watch.commits.first_after(t).is_none()
         || watch.all_moved(t).is_none())
         && t.elapsed() < limit
@@ -245,8 +253,38 @@ fn secs(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64())
 }
 
+/// How the workers write their rows, and where the write faults are injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Writes {
+    /// insertAll, a fifth of its calls failing at the HTTP fault proxy.
+    InsertAll,
+    /// The Storage Write API (pending streams), about a fifth of its appends, stream creations,
+    /// finalizes and commits failing at the gRPC fault proxy (UNAVAILABLE, RESOURCE_EXHAUSTED,
+    /// or the answer dropped after the emulator did the work).
+    Storage,
+}
+
+/// The Storage Write faults, cyclic per method (see [`GrpcFaultProxy`]): one call in ten of
+/// each kind. A slice makes four kinds of call, so about a third of the slices meet a fault;
+/// denser plans (a fifth to a quarter of each kind) left the slowest task 53 s of the 60 s
+/// `MOVED_LIMIT` on a loaded machine.
+const GRPC_FAULTS: FaultPlan = FaultPlan {
+    appends: "pass,pass,pass,pass,unavailable,pass,pass,pass,pass,pass,\
+              pass,pass,pass,pass,drop_after,pass,pass,pass,pass,pass,\
+              pass,pass,pass,pass,exhausted,pass,pass,pass,pass,pass",
+    creates: "pass,pass,pass,pass,pass,pass,pass,pass,pass,unavailable",
+    finalizes: "pass,pass,pass,pass,pass,pass,drop_after,pass,pass,pass",
+    commits: "pass,pass,pass,unavailable,pass,pass,pass,pass,pass,pass,\
+              pass,pass,pass,pass,pass,pass,pass,drop_after,pass,pass",
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
+    run(Writes::InsertAll).await;
+}
+
+/// The chaos run with the workers writing by `writes`.
+pub(crate) async fn run(writes: Writes) {
     let t_start = Instant::now();
     let pg = PgCluster::start().unwrap();
     let mut redis = RedisServer::start().unwrap();
@@ -294,6 +332,14 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
     let seed: u64 = rand::thread_rng().gen();
     println!("seed {seed}");
     let proxy = FaultProxy::start(env.emulator_url(), seed, 20, REQUEST_TIMEOUT).await;
+    let grpc = (writes == Writes::Storage).then(|| {
+        let host = std::env::var("BIGQUERY_STORAGE_EMULATOR_HOST")
+            .expect("BIGQUERY_STORAGE_EMULATOR_HOST (scripts/dev-env test writes it)");
+        GrpcFaultProxy::start(&host, &GRPC_FAULTS)
+    });
+    // insertAll acknowledgements count as progress on that path; on the other, the watermark
+    // commits (each after its batch's commit) are the progress measure.
+    let inserts = (writes == Writes::InsertAll).then_some(&*proxy.inserts);
     let stop_watch = tokio_util::sync::CancellationToken::new();
     let (watch, watcher) = chaos::watch_control(&env.control_url, stop_watch.clone())
         .await
@@ -315,6 +361,12 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
         ("TENANTSYNC_COMPACT_WINDOW_S", COMPACT_WINDOW_S.to_string()),
         ("TENANTSYNC_COMPACT_EVERY_S", COMPACT_EVERY_S.to_string()),
     ]);
+    if let Some(g) = &grpc {
+        worker_vars.extend([
+            ("TENANTSYNC_WRITE_API", "storage".to_string()),
+            ("BIGQUERY_STORAGE_EMULATOR_HOST", g.host.clone()),
+        ]);
+    }
     let mut fleet = Fleet {
         worker_vars,
         coordinator_vars: common.to_vec(),
@@ -399,7 +451,7 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
             recovered_wall: Utc::now() - (Instant::now() - recovered),
             down,
         };
-        wait_progress(&proxy, &watch, &f, SETTLE_LIMIT).await;
+        wait_progress(inserts, &watch, &f, SETTLE_LIMIT).await;
         faults.push(f);
         let next = at + FAULT_GAP;
         if Instant::now() < next {
@@ -433,11 +485,26 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
         written.committed, written.statements, written.rolled_back, written.errors
     );
     println!(
-        "chaos {} s, drain {} s, insertAll calls: {:?}",
+        "chaos {} s, drain {} s ({writes:?}), insertAll calls: {:?}",
         secs(chaos_time),
         secs(drain_time),
         proxy.counts()
     );
+    let mut problems = Vec::new();
+    if let Some(g) = &grpc {
+        let counts = g.counts();
+        println!("Storage Write calls by fault: {counts:?}");
+        for fault in [
+            "AppendRows:unavailable",
+            "AppendRows:drop_after",
+            "CreateWriteStream:unavailable",
+            "BatchCommitWriteStreams:drop_after",
+        ] {
+            if counts.get(fault).copied().unwrap_or(0) == 0 {
+                problems.push(format!("{fault} was never injected: {counts:?}"));
+            }
+        }
+    }
 
     // Pauses, from a fault: insert, commit: until the next acknowledged insertAll and the next
     // watermark commit after the system could work again. moved: until every task had made
@@ -448,9 +515,8 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
         "{:<48} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7} {:>9}",
         "fault", "at s", "down s", "insert s", "commit s", "moved s", "lag s", "caught up"
     );
-    let mut problems = Vec::new();
     for f in &faults {
-        let insert = proxy.inserts.first_after(f.recovered).map(|t| t - f.at);
+        let insert = inserts.map(|i| i.first_after(f.recovered).map(|t| t - f.at));
         let commit = watch.commits.first_after(f.recovered).map(|t| t - f.at);
         let moved = watch.all_moved(f.recovered).map(|t| t - f.at);
         let caught_up = watch.caught_up(f.recovered_wall).map(|t| t - f.at);
@@ -460,14 +526,14 @@ async fn chaos_ends_with_verify_clean_and_latest_equal_to_postgres() {
             f.name,
             secs(f.at - t_chaos),
             secs(f.down),
-            show(insert),
+            insert.map_or("-".to_string(), show),
             show(commit),
             show(moved),
             show(watch.lag_at(f.at)),
             show(caught_up)
         );
         for (what, d, limit) in [
-            ("insert", insert, PAUSE_LIMIT),
+            ("insert", insert.unwrap_or(commit), PAUSE_LIMIT),
             ("commit", commit, PAUSE_LIMIT),
             ("every task moved", moved, MOVED_LIMIT),
         ] {

@@ -10,6 +10,7 @@ mod cdc;
 mod changelog;
 mod changes;
 mod chaos;
+mod chaos_grpc;
 mod compaction;
 mod credentials;
 mod dead_letters;
