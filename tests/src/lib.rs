@@ -266,6 +266,7 @@ impl TestEnv {
                 organization_id: org.to_string(),
                 project: self.project.clone(),
                 dataset: self.dataset(slug),
+                location: None,
                 credentials: None,
             },
         )

@@ -62,8 +62,30 @@ impl Admin {
             serde_json::json!({
                 "organization_id": t.organization_id,
                 "dataset": format!("{}.{}", t.bq_project, t.bq_dataset),
+                "location": t.bq_location,
                 "key": t.has_credentials,
             }),
+        )
+        .await?;
+        Ok(t)
+    }
+
+    /// Record where a tenant's dataset is, after BigQuery confirmed it (see
+    /// `onboard::set_location`).
+    pub async fn set_location(&self, actor: &str, slug: &str, location: &str) -> Result<Tenant> {
+        let t = onboard::set_location(
+            &self.control,
+            self.master_key.as_deref(),
+            &self.endpoint,
+            slug,
+            location,
+        )
+        .await?;
+        self.audit(
+            actor,
+            "tenant.location",
+            Some(&t.slug),
+            serde_json::json!({"location": t.bq_location}),
         )
         .await?;
         Ok(t)

@@ -90,6 +90,8 @@ pub struct BigQuery {
     base: String,
     project: String,
     dataset: String,
+    /// Where the dataset must be (None: wherever it is; created in BigQuery's default).
+    location: Option<String>,
     tokens: TokenSource,
 }
 
@@ -128,8 +130,16 @@ impl BigQuery {
             base: endpoint.base_url.clone(),
             project: project.to_string(),
             dataset: dataset.to_string(),
+            location: None,
             tokens: TokenSource::new(creds, &endpoint.token_uri_policy).await?,
         })
+    }
+
+    /// The client of a dataset that must be in `location` (as [`tenantsync_core::location`]
+    /// spells it): [`Self::ensure_dataset`] creates it there and refuses one found elsewhere.
+    pub fn with_location(mut self, location: Option<String>) -> Self {
+        self.location = location;
+        self
     }
 
     pub fn project(&self) -> &str {
@@ -182,15 +192,21 @@ impl BigQuery {
         format!("/projects/{}/datasets/{}", self.project, self.dataset)
     }
 
-    /// Create the dataset when missing. Returns whether it was created.
+    /// Create the dataset when missing, in the client's location when it has one. Returns
+    /// whether it was created. A dataset that exists in another location is refused naming
+    /// both: its location cannot be changed, and using it would put a tenant's data where it
+    /// must not be.
     pub async fn ensure_dataset(&self) -> Result<bool, BqError> {
         match self.call(Method::GET, &self.ds_path(), None).await {
-            Ok(_) => return Ok(false),
+            Ok(ds) => return self.check_location(&ds).map(|()| false),
             Err(BqError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let body =
+        let mut body =
             json!({"datasetReference": {"projectId": self.project, "datasetId": self.dataset}});
+        if let Some(loc) = &self.location {
+            body["location"] = json!(loc);
+        }
         match self
             .call(
                 Method::POST,
@@ -200,9 +216,29 @@ impl BigQuery {
             .await
         {
             Ok(_) => Ok(true),
-            Err(BqError::AlreadyExists(_)) => Ok(false),
+            // Created by someone else meanwhile: its location is checked like any found one.
+            Err(BqError::AlreadyExists(_)) => {
+                let ds = self.call(Method::GET, &self.ds_path(), None).await?;
+                self.check_location(&ds).map(|()| false)
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// The dataset resource `ds` is where this client needs it.
+    fn check_location(&self, ds: &Value) -> Result<(), BqError> {
+        let Some(want) = &self.location else {
+            return Ok(());
+        };
+        let have = ds["location"].as_str().unwrap_or("US");
+        if tenantsync_core::location::same(have, want) {
+            return Ok(());
+        }
+        Err(BqError::Invalid(format!(
+            "dataset {}.{} exists in location {have}, not {want}: a dataset cannot be moved; \
+             use another dataset, or the location it is in",
+            self.project, self.dataset
+        )))
     }
 
     /// Delete the dataset and everything in it (tenant removal, tests).

@@ -5,6 +5,7 @@ pub mod chunk;
 pub mod crypto;
 pub mod ident;
 pub mod insert_id;
+pub mod location;
 pub mod mapping;
 pub mod model;
 pub mod names;

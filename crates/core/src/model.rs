@@ -136,6 +136,10 @@ pub struct Tenant {
     pub organization_id: String,
     pub bq_project: String,
     pub bq_dataset: String,
+    /// Where the dataset is (`EU`, `europe-west1`, …): created there, and an existing dataset
+    /// elsewhere is refused. None for tenants onboarded before locations were recorded (their
+    /// datasets are used wherever they are).
+    pub bq_location: Option<String>,
     pub status: TenantStatus,
     pub has_credentials: bool,
     /// insertAll budget of this tenant across all workers (None: the deployment default).

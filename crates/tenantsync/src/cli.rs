@@ -194,6 +194,13 @@ pub enum TenantCmd {
     Limits(TenantLimits),
     /// Replace a tenant's key after checking it works; resumes a tenant whose key was rejected.
     RotateCredentials(RotateCredentials),
+    /// Record where a tenant's dataset is (tenants onboarded before locations were kept),
+    /// after BigQuery confirms it is there; a dataset cannot be moved.
+    Update {
+        slug: String,
+        #[arg(long)]
+        location: String,
+    },
     /// A tenant and each of its tables: state, watermark, lag, rows, progress, last error.
     Show {
         slug: String,
@@ -259,6 +266,10 @@ pub struct TenantAdd {
     /// BigQuery dataset of the tenant (created if missing).
     #[arg(long)]
     pub dataset: String,
+    /// Where the dataset is created (`US`, `EU`, or a region such as `europe-west1`); an
+    /// existing dataset elsewhere is refused. Default: TENANTSYNC_BQ_LOCATION, else US.
+    #[arg(long)]
+    pub location: Option<String>,
     /// Service-account key JSON. Required unless BIGQUERY_EMULATOR_HOST is set.
     ///
     /// Its token_uri must be Google's token endpoint (https://oauth2.googleapis.com/token)

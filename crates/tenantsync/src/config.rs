@@ -87,6 +87,12 @@ pub fn endpoint() -> Result<Endpoint> {
     )
 }
 
+/// Where new tenants' datasets are created unless `tenant add --location` says otherwise.
+pub fn default_location() -> Result<String> {
+    let v = var("TENANTSYNC_BQ_LOCATION").unwrap_or_else(|| "US".into());
+    tenantsync_core::location::parse(&v).map_err(|e| anyhow!("TENANTSYNC_BQ_LOCATION: {e}"))
+}
+
 pub fn master_key() -> Result<MasterKey> {
     let raw: SecretString = required(
         "TENANTSYNC_MASTER_KEY",

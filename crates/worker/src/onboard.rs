@@ -21,6 +21,10 @@ pub struct TenantRequest {
     pub organization_id: String,
     pub project: String,
     pub dataset: String,
+    /// Where the dataset is created, and must be if it exists (`EU`, `europe-west1`, …; see
+    /// [`tenantsync_core::location`]). None: wherever BigQuery puts it (its default, US), not
+    /// recorded; the CLI always passes one (`--location`, else `TENANTSYNC_BQ_LOCATION`).
+    pub location: Option<String>,
     /// Service-account key JSON; None only against the emulator.
     pub credentials: Option<SecretString>,
 }
@@ -51,6 +55,12 @@ pub async fn add_tenant(
     if organization_id.is_empty() {
         return Err(invalid("organization id must not be empty"));
     }
+    let location = req
+        .location
+        .as_deref()
+        .map(tenantsync_core::location::parse)
+        .transpose()
+        .map_err(invalid)?;
     let (creds, email) = match &req.credentials {
         Some(json) => {
             let sa = parse_service_account(json)?;
@@ -69,6 +79,7 @@ pub async fn add_tenant(
         organization_id: organization_id.to_string(),
         bq_project: req.project.clone(),
         bq_dataset: req.dataset.clone(),
+        bq_location: location.clone(),
     };
     // A second tenant of one organization would receive the same rows in its own dataset.
     if let Some(clash) = control.tenant_clash(&new).await? {
@@ -97,15 +108,7 @@ pub async fn add_tenant(
         }
     }
 
-    let client = BigQuery::new(
-        endpoint,
-        &req.project,
-        &req.dataset,
-        &creds,
-        Duration::from_secs(30),
-    )
-    .await?;
-    client.ensure_dataset().await?;
+    open_dataset(endpoint, (&req.project, &req.dataset), &creds, location).await?;
 
     let tenant = match &req.credentials {
         Some(json) => {
@@ -172,15 +175,8 @@ pub async fn rotate_credentials(
     let tenant = control.tenant(slug).await?;
     let sa = parse_service_account(&json)?;
     let creds = Credentials::ServiceAccount(json.clone());
-    let client = BigQuery::new(
-        endpoint,
-        &tenant.bq_project,
-        &tenant.bq_dataset,
-        &creds,
-        Duration::from_secs(30),
-    )
-    .await?;
-    client.ensure_dataset().await?;
+    let dataset = (tenant.bq_project.as_str(), tenant.bq_dataset.as_str());
+    open_dataset(endpoint, dataset, &creds, tenant.bq_location.clone()).await?;
     let sealed = master_key.seal(
         secrecy::ExposeSecret::expose_secret(&json).as_bytes(),
         tenant.id,
@@ -189,6 +185,50 @@ pub async fn rotate_credentials(
         .rotate_credentials(tenant.id, &sealed, Some(&sa.client_email))
         .await?;
     Ok(control.tenant(slug).await?)
+}
+
+/// Fetch a token with `creds` and open the dataset (`project`, `dataset`), creating it in
+/// `location` when missing; one found in another location is refused (see
+/// `BigQuery::ensure_dataset`).
+async fn open_dataset(
+    endpoint: &Endpoint,
+    (project, dataset): (&str, &str),
+    creds: &Credentials,
+    location: Option<String>,
+) -> Result<(), WorkerError> {
+    BigQuery::new(endpoint, project, dataset, creds, Duration::from_secs(30))
+        .await?
+        .with_location(location)
+        .ensure_dataset()
+        .await?;
+    Ok(())
+}
+
+/// Record where an existing tenant's dataset is, after checking that BigQuery has it there
+/// (with the tenant's stored key, or the emulator's token). A dataset cannot move: a location
+/// other than its own is refused naming both, and nothing changes.
+pub async fn set_location(
+    control: &ControlPlane,
+    master_key: Option<&MasterKey>,
+    endpoint: &Endpoint,
+    slug: &str,
+    location: &str,
+) -> Result<Tenant, WorkerError> {
+    let location = tenantsync_core::location::parse(location).map_err(invalid)?;
+    let tenant = control.tenant(slug).await?;
+    let creds = match control.credentials(tenant.id).await? {
+        Some(sealed) => {
+            let key = master_key.ok_or_else(|| {
+                invalid("TENANTSYNC_MASTER_KEY is needed to use the tenant's stored key")
+            })?;
+            Credentials::ServiceAccount(key.open(&sealed, tenant.id).map_err(invalid)?)
+        }
+        None if endpoint.emulator => Credentials::Emulator,
+        None => return Err(invalid("tenant has no stored key")),
+    };
+    let dataset = (tenant.bq_project.as_str(), tenant.bq_dataset.as_str());
+    open_dataset(endpoint, dataset, &creds, Some(location.clone())).await?;
+    Ok(control.set_tenant_location(slug, &location).await?)
 }
 
 /// Register a table after checking that it exists, that the key, cursor and tenant columns

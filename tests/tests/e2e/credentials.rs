@@ -187,6 +187,7 @@ async fn onboard_with_key(
             organization_id: "1".into(),
             project: env.project.clone(),
             dataset: env.dataset("ngo_a"),
+            location: None,
             credentials: Some(fx.key_json.clone()),
         },
     )

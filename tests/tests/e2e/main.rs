@@ -17,6 +17,7 @@ mod dead_letters;
 mod faults;
 mod hostile_rows;
 mod key_rotation;
+mod location;
 mod names;
 mod observability;
 mod onboarding;

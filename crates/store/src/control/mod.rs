@@ -23,6 +23,8 @@ pub struct NewTenant {
     pub organization_id: String,
     pub bq_project: String,
     pub bq_dataset: String,
+    /// Where the dataset is (see [`tenantsync_core::location`]).
+    pub bq_location: Option<String>,
 }
 
 /// Credentials to store with a new tenant. `seal` receives the new tenant's id because the id
@@ -70,7 +72,7 @@ pub struct StatusRow {
 }
 
 const TENANT_COLUMNS: &str =
-    "t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.status, \
+    "t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.bq_location, t.status, \
      t.max_requests_per_s, t.max_rows_per_s, \
      EXISTS (SELECT 1 FROM tenant_credentials c WHERE c.tenant_id = t.id) AS has_credentials";
 
@@ -82,6 +84,7 @@ fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
         organization_id: r.try_get("organization_id")?,
         bq_project: r.try_get("bq_project")?,
         bq_dataset: r.try_get("bq_dataset")?,
+        bq_location: r.try_get("bq_location")?,
         status: status.parse().map_err(StoreError::Invalid)?,
         has_credentials: r.try_get("has_credentials")?,
         max_requests_per_s: r.try_get("max_requests_per_s")?,
@@ -137,13 +140,14 @@ impl ControlPlane {
     ) -> Result<Tenant> {
         let mut tx = self.pool.begin().await?;
         let id: std::result::Result<i64, _> = sqlx::query_scalar(
-            "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset)
-             VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset, bq_location)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(&t.slug)
         .bind(&t.organization_id)
         .bind(&t.bq_project)
         .bind(&t.bq_dataset)
+        .bind(&t.bq_location)
         .fetch_one(&mut *tx)
         .await;
         let id = match id {
@@ -320,6 +324,27 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Record where a tenant's dataset is (checked against BigQuery by the caller first).
+    pub async fn set_tenant_location(&self, slug: &str, location: &str) -> Result<Tenant> {
+        let done =
+            sqlx::query("UPDATE tenants SET bq_location = $2, updated_at = now() WHERE slug = $1")
+                .bind(slug)
+                .bind(location)
+                .execute(&self.pool)
+                .await?;
+        self.updated_tenant(slug, done.rows_affected()).await
+    }
+
+    /// The tenant `slug` after an UPDATE of it that changed `rows` rows (none: no such tenant).
+    async fn updated_tenant(&self, slug: &str, rows: u64) -> Result<Tenant> {
+        if rows == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no tenant with slug {slug:?}"
+            )));
+        }
+        self.tenant(slug).await
+    }
+
     /// Set (or clear, with None) a tenant's insertAll budget.
     pub async fn set_tenant_limits(
         &self,
@@ -336,12 +361,7 @@ impl ControlPlane {
         .bind(rows_per_s)
         .execute(&self.pool)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!(
-                "no tenant with slug {slug:?}"
-            )));
-        }
-        self.tenant(slug).await
+        self.updated_tenant(slug, done.rows_affected()).await
     }
 
     pub async fn credentials(&self, tenant_id: i64) -> Result<Option<Sealed>> {

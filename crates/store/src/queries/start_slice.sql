@@ -9,7 +9,7 @@ WITH req AS (
     SELECT DISTINCT r.tenant_id, r.table_id
     FROM unnest($1::bigint[], $2::bigint[]) AS r(tenant_id, table_id)
 ), tn AS (
-    SELECT t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.status,
+    SELECT t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.bq_location, t.status,
            t.max_requests_per_s, t.max_rows_per_s, c.nonce AS credentials_nonce
     FROM tenants t
     LEFT JOIN tenant_credentials c ON c.tenant_id = t.id
@@ -33,7 +33,7 @@ WITH req AS (
               s.synced_through, s.schema_hash, s.batches_visible_through, s.changed_until
 )
 SELECT req.tenant_id, req.table_id,
-       tn.id, tn.slug, tn.organization_id, tn.bq_project, tn.bq_dataset, tn.status,
+       tn.id, tn.slug, tn.organization_id, tn.bq_project, tn.bq_dataset, tn.bq_location, tn.status,
        tn.max_requests_per_s, tn.max_rows_per_s, tn.credentials_nonce,
        tn.credentials_nonce IS NOT NULL AS has_credentials,
        ts.id AS table_spec_id, ts.source_schema, ts.source_table, ts.key_columns,

@@ -66,6 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 organization_id: org.to_string(),
                 project: project.clone(),
                 dataset: format!("ngo_{org}"),
+                location: Some(crate::config::default_location()?),
                 credentials: None,
             },
         )

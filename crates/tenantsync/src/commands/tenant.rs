@@ -24,6 +24,18 @@ pub(crate) async fn run(cmd: TenantCmd) -> Result<ExitCode> {
                 .await?;
             println!("tenant {}: new key stored, status {}", t.slug, t.status);
         }
+        TenantCmd::Update { slug, location } => {
+            let mut admin = admin().await?;
+            admin.master_key = config::master_key_if_set()?.map(Arc::new);
+            let t = admin.set_location(&cli_actor(), &slug, &location).await?;
+            println!(
+                "tenant {}: dataset {}.{} is in {}",
+                t.slug,
+                t.bq_project,
+                t.bq_dataset,
+                t.bq_location.as_deref().unwrap_or("?")
+            );
+        }
         TenantCmd::Limits(a) => {
             let t = admin()
                 .await?
@@ -101,13 +113,21 @@ async fn add(a: TenantAdd) -> Result<()> {
                 organization_id: a.organization_id,
                 project: a.project,
                 dataset: a.dataset,
+                location: Some(match a.location {
+                    Some(l) => l,
+                    None => config::default_location()?,
+                }),
                 credentials,
             },
         )
         .await?;
     println!(
-        "tenant {} added (organization {}, dataset {}.{}); its backfill starts with the next worker tick",
-        t.slug, t.organization_id, t.bq_project, t.bq_dataset
+        "tenant {} added (organization {}, dataset {}.{} in {}); its backfill starts with the next worker tick",
+        t.slug,
+        t.organization_id,
+        t.bq_project,
+        t.bq_dataset,
+        t.bq_location.as_deref().unwrap_or("?")
     );
     Ok(())
 }
@@ -120,11 +140,12 @@ async fn show(slug: &str, json: bool) -> Result<()> {
     }
     let t = &d.tenant;
     println!(
-        "tenant {}  organization {}  dataset {}.{}  status {}  key {}",
+        "tenant {}  organization {}  dataset {}.{} ({})  status {}  key {}",
         t.slug,
         t.organization_id,
         t.bq_project,
         t.bq_dataset,
+        t.bq_location.as_deref().unwrap_or("location not recorded"),
         t.status,
         if t.has_credentials {
             "sealed"

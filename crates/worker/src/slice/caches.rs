@@ -32,7 +32,9 @@ impl Worker {
     /// with the cached client's.
     pub(crate) async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
         let sealed = self.deps.control.credentials(tenant.id).await?;
-        let version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
+        // A new key, or a location recorded since (`tenant update --location`), is a new client.
+        let mut version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
+        version.extend(tenant.bq_location.as_deref().unwrap_or_default().bytes());
         let mut clients = self.caches.clients.lock().await;
         if let Some((v, c)) = clients.get(&tenant.id) {
             if *v == version {
@@ -59,7 +61,8 @@ impl Worker {
                 &creds,
                 self.cfg.request_timeout,
             )
-            .await?,
+            .await?
+            .with_location(tenant.bq_location.clone()),
         );
         clients.insert(tenant.id, (version, c.clone()));
         Ok(c)

@@ -41,6 +41,7 @@ impl Fixture {
                 organization_id: "1".into(),
                 bq_project: "p".into(),
                 bq_dataset: "d".into(),
+                bq_location: None,
                 status: TenantStatus::Active,
                 has_credentials: false,
                 max_requests_per_s: None,
