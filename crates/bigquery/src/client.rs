@@ -388,8 +388,11 @@ impl BigQuery {
     /// Run a Standard SQL query and return its rows as JSON values (`f[i].v`), following pages.
     pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Value>>, BqError> {
         // Integer microseconds for TIMESTAMP: the default (float seconds) loses precision.
-        let body = json!({"query": sql, "useLegacySql": false, "timeoutMs": 60000, "maxResults": 10000,
+        let mut body = json!({"query": sql, "useLegacySql": false, "timeoutMs": 60000, "maxResults": 10000,
                           "formatOptions": {"useInt64Timestamp": true}});
+        if let Some(loc) = &self.location {
+            body["location"] = json!(loc);
+        }
         let mut v = self
             .call(
                 Method::POST,
@@ -398,6 +401,12 @@ impl BigQuery {
             )
             .await?;
         let job_id = v["jobReference"]["jobId"].as_str().map(str::to_string);
+        // A job in a single region (europe-west1) is not found without its location when
+        // polled or paged: BigQuery names it in the job reference.
+        let job_location = v["jobReference"]["location"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| self.location.clone());
         let mut out = Vec::new();
         loop {
             if v["jobComplete"].as_bool() == Some(false) {
@@ -424,6 +433,9 @@ impl BigQuery {
             );
             if let Some(t) = token {
                 path.push_str(&format!("&pageToken={t}"));
+            }
+            if let Some(loc) = &job_location {
+                path.push_str(&format!("&location={loc}"));
             }
             v = self.call(Method::GET, &path, None).await?;
         }
