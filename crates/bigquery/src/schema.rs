@@ -181,7 +181,23 @@ pub fn merge_sql(client: &BigQuery, table: &str, keys: &[String], source: &[BqFi
 pub enum SchemaChange {
     Unchanged,
     Created,
+    /// Columns added (and possibly others widened).
     Added(Vec<String>),
+    /// Columns whose type was widened in place, none added.
+    Widened(Vec<String>),
+}
+
+/// Whether BigQuery changes a column of type `from` to `to` in place, keeping its values
+/// (`ALTER COLUMN … SET DATA TYPE`'s coercions): INT64 to NUMERIC, BIGNUMERIC or FLOAT64, and
+/// NUMERIC to BIGNUMERIC or FLOAT64. What Postgres widens within one BigQuery type (int to
+/// bigint, varchar(20) to text, numeric(10,2) to numeric(12,2), a NOT NULL dropped: every
+/// source column is NULLABLE) needs no change at all.
+pub fn widens(from: BqType, to: BqType) -> bool {
+    use BqType::{BigNumeric, Float64, Int64, Numeric};
+    matches!(
+        (from, to),
+        (Int64, Numeric | BigNumeric | Float64) | (Numeric, BigNumeric | Float64)
+    )
 }
 
 fn field_type(v: &Value) -> Option<BqType> {
@@ -226,15 +242,23 @@ pub async fn sync_fields_with(
     };
     let mut fields = existing.clone();
     let mut added = Vec::new();
+    let mut widened = Vec::new();
     for w in &wanted {
         match existing
             .iter()
-            .find(|e| e["name"].as_str() == Some(w.name.as_str()))
+            .position(|e| e["name"].as_str() == Some(w.name.as_str()))
         {
-            Some(e) => {
+            Some(i) => {
+                let e = &existing[i];
                 let repeated = e["mode"].as_str() == Some("REPEATED");
-                if field_type(e) != Some(w.field_type)
-                    || repeated != (w.mode == FieldMode::Repeated)
+                let have = field_type(e);
+                if !repeated
+                    && w.mode != FieldMode::Repeated
+                    && have.is_some_and(|h| widens(h, w.field_type))
+                {
+                    fields[i]["type"] = serde_json::json!(w.field_type.as_str());
+                    widened.push(w);
+                } else if have != Some(w.field_type) || repeated != (w.mode == FieldMode::Repeated)
                 {
                     return Err(BqError::SchemaIncompatible(format!(
                         "column {:?} is {}{} in BigQuery table {table} but the source now maps it to {}{}",
@@ -257,9 +281,63 @@ pub async fn sync_fields_with(
             }
         }
     }
+    // Widened first: the patch below sends the new types, which only matches once they are.
+    for w in &widened {
+        let ddl = format!(
+            "ALTER TABLE {} ALTER COLUMN `{}` SET DATA TYPE {}",
+            client.qualified(table),
+            w.name,
+            w.field_type.as_str()
+        );
+        // A refusal stops the table like any incompatible change (the local BigQuery refuses
+        // NUMERIC to BIGNUMERIC, which BigQuery allows); anything else is retried as it is.
+        client.query(&ddl).await.map_err(|e| match e {
+            BqError::Invalid(m) => BqError::SchemaIncompatible(format!(
+                "column {:?} of BigQuery table {table} could not be widened to {}: {m}",
+                w.name,
+                w.field_type.as_str()
+            )),
+            other => other,
+        })?;
+    }
+    let widened: Vec<String> = widened.into_iter().map(|w| w.name.clone()).collect();
     if added.is_empty() {
-        return Ok(SchemaChange::Unchanged);
+        return Ok(match widened.is_empty() {
+            true => SchemaChange::Unchanged,
+            false => SchemaChange::Widened(widened),
+        });
     }
     client.patch_schema(table, &fields).await?;
     Ok(SchemaChange::Added(added))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bigquerys_coercions_widen() {
+        use BqType::*;
+        for (from, to) in [
+            (Int64, Numeric),
+            (Int64, BigNumeric),
+            (Int64, Float64),
+            (Numeric, BigNumeric),
+            (Numeric, Float64),
+        ] {
+            assert!(widens(from, to), "{from:?} -> {to:?}");
+        }
+        for (from, to) in [
+            (Numeric, Int64),
+            (Float64, Numeric),
+            (BigNumeric, Numeric),
+            (String, Int64),
+            (Int64, String),
+            (Date, Timestamp),
+            (DateTime, Timestamp),
+            (Int64, Int64),
+        ] {
+            assert!(!widens(from, to), "{from:?} -> {to:?}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! Schema evolution: a column added in Postgres appears in the BigQuery table and the view; an
-//! incompatible type change stops that table with an error naming the column, and the other
-//! tables keep syncing.
+//! Schema evolution: a column added in Postgres appears in the BigQuery table and the view;
+//! type changes BigQuery can follow keep syncing (widened in place where the BigQuery type
+//! changes); an incompatible type change stops that table with an error naming the column, and
+//! the other tables keep syncing.
 
 use std::sync::Arc;
 use tenantsync_tests::{scalar_i64, TestEnv};
@@ -98,5 +99,78 @@ async fn an_added_column_flows_through_and_an_incompatible_change_stops_only_its
         status.contains("column \"name\" is STRING"),
         "status shows the error:\n{status}"
     );
+    env.cleanup().await.unwrap();
+}
+
+/// int to bigint, varchar(20) to text, numeric(10,2) to numeric(12,2) and a dropped NOT NULL
+/// change nothing in BigQuery; int to numeric(12,2) is INT64 widened to NUMERIC in place. The
+/// table keeps syncing through all of them, old and new values side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn type_changes_bigquery_can_follow_keep_the_table_syncing() {
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE w (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
+                         c_int int, c_vc varchar(20), c_num numeric(10,2), c_nn text NOT NULL,
+                         c_w int, updated_at timestamptz NOT NULL);
+         INSERT INTO w SELECT g, 1, g, 'v' || g, g + 0.25, 'n', g, now() - interval '1 minute'
+         FROM generate_series(1, 10) g;",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    env.add_table("w", "organization_id").await.unwrap();
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    let worker = env.worker_with(env.worker_config(), Arc::new(NoHooks));
+    env.sync_once(&worker).await.unwrap();
+
+    sqlx::raw_sql(
+        "ALTER TABLE w ALTER COLUMN c_int TYPE bigint, ALTER COLUMN c_vc TYPE text,
+                       ALTER COLUMN c_num TYPE numeric(12,2), ALTER COLUMN c_nn DROP NOT NULL,
+                       ALTER COLUMN c_w TYPE numeric(12,2);
+         INSERT INTO w VALUES (11, 1, 5000000000, repeat('x', 30), 1234567890.12, NULL, 12.5,
+                               now());",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    env.past_skew().await;
+    let summary = env.sync_once(&worker).await.unwrap();
+    assert!(summary.failed.is_empty(), "{:?}", summary.failed);
+
+    let bq = env.bq(&t).await.unwrap();
+    let rows = bq
+        .query(&format!(
+            "SELECT id, c_int, c_vc, c_num, c_nn, c_w FROM {} ORDER BY id",
+            bq.qualified("w_latest")
+        ))
+        .await
+        .unwrap();
+    let got: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..6).map(|i| tenantsync_tests::cell(r, i)).collect())
+        .collect();
+    assert_eq!(got.len(), 11, "{got:?}");
+    assert_eq!(got[0], ["1", "1", "v1", "1.25", "n", "1"]);
+    assert_eq!(
+        got[10],
+        [
+            "11",
+            "5000000000",
+            &"x".repeat(30),
+            "1234567890.12",
+            "NULL",
+            "12.5"
+        ]
+    );
+    let schema = bq.table_schema("w").await.unwrap().unwrap();
+    let ty = |name: &str| {
+        schema
+            .iter()
+            .find(|f| f["name"] == name)
+            .and_then(|f| f["type"].as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(ty("c_w").as_deref(), Some("NUMERIC"), "widened in place");
+    assert_eq!(ty("c_int").as_deref(), Some("INTEGER"));
     env.cleanup().await.unwrap();
 }
