@@ -249,6 +249,7 @@ impl TestEnv {
                 slice_rows: 5000,
                 soft_delete_column: None,
                 capture: Default::default(),
+                exclude_columns: Vec::new(),
             },
         )
         .await?)

@@ -208,6 +208,8 @@ pub struct TableSpec {
     /// CDC mode: the table's `max_staleness` in seconds (how old the background-applied
     /// state may be before a query applies pending changes itself).
     pub max_staleness_s: i32,
+    /// Source columns never sent: left out of every read, table, view and dead letter.
+    pub exclude_columns: Vec<String>,
 }
 
 /// The default `max_staleness` of a CDC table (migration `20261202180000_cdc.sql`).

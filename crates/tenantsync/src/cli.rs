@@ -282,7 +282,7 @@ pub struct TenantAdd {
 #[derive(Debug, Subcommand)]
 pub enum TablesCmd {
     /// Register a source table for every tenant.
-    Add(TablesAdd),
+    Add(Box<TablesAdd>),
     /// List registered tables.
     List(ListArgs),
     /// Sync a table for one tenant again (it is due at once).
@@ -385,6 +385,10 @@ pub struct TablesAdd {
     /// are sent as deletes and leave `<table>_latest`.
     #[arg(long)]
     pub soft_delete: Option<String>,
+    /// A column never sent to BigQuery (repeat for several): left out of every read, table,
+    /// view and dead letter. Not the key, cursor, tenant or soft-delete column.
+    #[arg(long = "exclude-column")]
+    pub exclude_column: Vec<String>,
     /// How rows are written: tabledata.insertAll, or the Storage Write API (exactly-once
     /// appends to a pending stream per slice). Default: TENANTSYNC_WRITE_API, else insert-all.
     #[arg(long, value_parser = ["insert-all", "storage"])]

@@ -309,7 +309,16 @@ pub async fn add_table(
         capture: spec.capture,
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
+        exclude_columns: spec.exclude_columns.clone(),
     };
+    for c in &spec.exclude_columns {
+        if !columns.iter().any(|col| &col.name == c) {
+            return Err(invalid(format!(
+                "--exclude-column {c:?}: {}.{} has no such column",
+                spec.source_schema, spec.source_table
+            )));
+        }
+    }
     SlicePlan::build(&probe, &columns)?;
     // Every tenant onboarded so far must be readable through this table's tenant column: an
     // id its type refuses fails every slice, a non-canonical one never syncs.

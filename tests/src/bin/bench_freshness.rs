@@ -126,6 +126,7 @@ async fn register(env: &TestEnv, p: &Params) -> Result<()> {
                 slice_rows: 20_000,
                 soft_delete_column: None,
                 capture: Default::default(),
+                exclude_columns: Vec::new(),
             },
         )
         .await?;

@@ -102,6 +102,7 @@ async fn register(env: &TestEnv, p: &Params) -> Result<()> {
                 slice_rows: p.slice_rows,
                 soft_delete_column: None,
                 capture: Default::default(),
+                exclude_columns: Vec::new(),
             },
         )
         .await?;

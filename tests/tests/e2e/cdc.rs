@@ -59,6 +59,7 @@ async fn cdc_table(
             slice_rows: 5000,
             soft_delete_column: soft_delete.map(str::to_string),
             capture,
+            exclude_columns: Vec::new(),
         },
     )
     .await

@@ -11,6 +11,7 @@ mod changelog;
 mod changes;
 mod chaos;
 mod chaos_grpc;
+mod column_policies;
 mod compaction;
 mod credentials;
 mod dead_letters;

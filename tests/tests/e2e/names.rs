@@ -31,6 +31,7 @@ async fn add(
             slice_rows: 5000,
             soft_delete_column: None,
             capture,
+            exclude_columns: Vec::new(),
         },
     )
     .await
@@ -479,6 +480,7 @@ async fn of_two_tables_registered_before_the_check_the_later_one_stops() {
                 slice_rows: 5000,
                 soft_delete_column: None,
                 capture: Capture::Cursor,
+                exclude_columns: Vec::new(),
             })
             .await
             .unwrap();

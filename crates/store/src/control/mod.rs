@@ -47,6 +47,8 @@ pub struct NewTableSpec {
     /// Checked with the rest of the spec before anything is saved.
     pub soft_delete_column: Option<String>,
     pub capture: Capture,
+    /// Source columns never sent to BigQuery.
+    pub exclude_columns: Vec<String>,
 }
 
 /// One line of `tenantsync status`.
@@ -119,6 +121,7 @@ fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<T
             .transpose()
             .map_err(StoreError::Invalid)?,
         max_staleness_s: r.try_get("max_staleness_s")?,
+        exclude_columns: r.try_get("exclude_columns")?,
     })
 }
 
@@ -387,8 +390,8 @@ impl ControlPlane {
         let row = sqlx::query(
             "INSERT INTO table_specs (source_schema, source_table, key_columns, cursor_column,
                                       tenant_column, mode, sync_interval_ms, slice_rows,
-                                      soft_delete_column, capture)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+                                      soft_delete_column, capture, exclude_columns)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
         )
         .bind(&s.source_schema)
         .bind(&s.source_table)
@@ -400,6 +403,7 @@ impl ControlPlane {
         .bind(s.slice_rows)
         .bind(&s.soft_delete_column)
         .bind(s.capture.as_str())
+        .bind(&s.exclude_columns)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match StoreError::from(e) {

@@ -39,6 +39,7 @@ SELECT req.tenant_id, req.table_id,
        ts.id AS table_spec_id, ts.source_schema, ts.source_table, ts.key_columns,
        ts.cursor_column, ts.tenant_column, ts.mode, ts.enabled, ts.sync_interval_ms,
        ts.slice_rows, ts.soft_delete_column, ts.capture, ts.write_api, ts.max_staleness_s,
+       ts.exclude_columns,
        claimed.fencing_token, claimed.watermark_cursor, claimed.watermark_key,
        claimed.synced_through, claimed.schema_hash, claimed.batches_visible_through,
        claimed.changed_until

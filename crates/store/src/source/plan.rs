@@ -187,7 +187,8 @@ impl SlicePlan {
             &format!("{}.{}", spec.source_schema, spec.source_table),
             columns.iter().map(|c| c.name.as_str()),
         )?;
-        let (common, fields) = Common::new(spec, columns)?;
+        let kept = kept_columns(spec, columns)?;
+        let (common, fields) = Common::new(spec, &kept)?;
         let (sql, derived) = match spec.capture {
             Capture::Cursor => {
                 let cursor = find(spec, columns, "cursor", &spec.cursor_column)?;
@@ -304,6 +305,32 @@ impl<'a> Common<'a> {
 }
 
 /// The column `name` in its `role` (key, cursor, …), or an error naming both.
+/// The source columns a plan reads: all but the spec's excluded ones. The key, cursor, tenant
+/// and soft-delete columns cannot be excluded (every read needs them). An excluded name the
+/// table no longer has is ignored: a dropped PII column must not stop the table.
+fn kept_columns(spec: &TableSpec, columns: &[PgColumn]) -> Result<Vec<PgColumn>> {
+    let excluded = |name: &str| spec.exclude_columns.iter().any(|e| e == name);
+    let needed = spec
+        .key_columns
+        .iter()
+        .chain([&spec.cursor_column, &spec.tenant_column])
+        .chain(spec.soft_delete_column.as_ref());
+    for c in needed {
+        if excluded(c) {
+            return Err(StoreError::Invalid(format!(
+                "column {c:?} of {}.{} cannot be excluded: it is the table's key, cursor, tenant \
+                 or soft-delete column",
+                spec.source_schema, spec.source_table
+            )));
+        }
+    }
+    Ok(columns
+        .iter()
+        .filter(|c| !excluded(&c.name))
+        .cloned()
+        .collect())
+}
+
 pub(super) fn find<'c>(
     spec: &TableSpec,
     columns: &'c [PgColumn],

@@ -34,6 +34,7 @@ fn plan(capture: Capture) -> SlicePlan {
         capture,
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
+        exclude_columns: Vec::new(),
     };
     let columns = [
         column("id", "int8", "bigint"),
@@ -112,6 +113,7 @@ fn spec(capture: Capture, keys: &[&str], cursor: &str, soft_delete: Option<&str>
         capture,
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
+        exclude_columns: Vec::new(),
     }
 }
 
@@ -404,4 +406,36 @@ fn another_catalog_gives_other_statement_texts() {
     // A fingerprint cannot end the comment early.
     let p = plan(Capture::Cursor).with_catalog("x*/ DROP".into());
     assert!(p.sql.first_sql.starts_with("/* catalog x/ DROP */ "));
+}
+
+#[test]
+fn excluded_columns_are_not_read_and_required_ones_cannot_be_excluded() {
+    let mut s = spec(Capture::Cursor, &["org", "id"], "changed", Some("gone"));
+    s.exclude_columns = vec!["tags".into(), "op".into(), "dropped_since".into()];
+    let p = SlicePlan::build(&s, &wide_columns()).unwrap();
+    let names: Vec<&str> = p.fields.iter().map(|f| f.name.as_str()).collect();
+    assert!(
+        !names.contains(&"tags") && !names.contains(&"op"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"k") && names.contains(&"inserted_at"),
+        "{names:?}"
+    );
+    for sql in [&p.sql.first_sql, &p.sql.next_sql, &p.sql.range_sql] {
+        assert!(
+            !sql.contains("t.\"tags\"") && !sql.contains("t.tags"),
+            "{sql}"
+        );
+    }
+    for needed in ["org", "id", "changed", "gone"] {
+        s.exclude_columns = vec![needed.into()];
+        let e = SlicePlan::build(&s, &wide_columns())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{needed:?}")) && e.contains("cannot be excluded"),
+            "{e}"
+        );
+    }
 }

@@ -42,6 +42,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 slice_rows: 20_000,
                 soft_delete_column: None,
                 capture: Default::default(),
+                exclude_columns: Vec::new(),
             },
         )
         .await?;

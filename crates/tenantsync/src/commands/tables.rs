@@ -10,7 +10,7 @@ use tenantsync_store::control::NewTableSpec;
 
 pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
     match cmd {
-        TablesCmd::Add(a) => add(a).await?,
+        TablesCmd::Add(a) => add(*a).await?,
         TablesCmd::List(l) => {
             let tables = admin().await?.control.tables().await?;
             print_list(
@@ -91,6 +91,7 @@ async fn add(a: TablesAdd) -> Result<()> {
                 slice_rows: a.slice_rows,
                 soft_delete_column: a.soft_delete,
                 capture: a.capture.parse().map_err(anyhow::Error::msg)?,
+                exclude_columns: a.exclude_column.clone(),
             },
         )
         .await?;

@@ -62,6 +62,7 @@ impl Fixture {
                 capture: Capture::Cursor,
                 write_api: None,
                 max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
+                exclude_columns: Vec::new(),
             },
             rows,
             payloads,
