@@ -70,17 +70,19 @@ impl Admin {
         Ok(t)
     }
 
-    /// Record where a tenant's dataset is, after BigQuery confirmed it (see
-    /// `onboard::set_location`).
+    /// Record where an existing tenant's dataset is, after checking with the tenant's stored
+    /// key (or the emulator's token) that BigQuery has it there. A dataset cannot move: a
+    /// location other than its own is refused naming both, and nothing changes.
     pub async fn set_location(&self, actor: &str, slug: &str, location: &str) -> Result<Tenant> {
-        let t = onboard::set_location(
-            &self.control,
-            self.master_key.as_deref(),
-            &self.endpoint,
-            slug,
-            location,
-        )
-        .await?;
+        let location = tenantsync_core::location::parse(location).map_err(AdminError::Invalid)?;
+        let t = self.control.tenant(slug).await?;
+        self.client(&t)
+            .await?
+            .with_location(Some(location.clone()))
+            .ensure_dataset()
+            .await
+            .map_err(|e| AdminError::from(tenantsync_worker::WorkerError::BigQuery(e)))?;
+        let t = self.control.set_tenant_location(slug, &location).await?;
         self.audit(
             actor,
             "tenant.location",

@@ -204,33 +204,6 @@ async fn open_dataset(
     Ok(())
 }
 
-/// Record where an existing tenant's dataset is, after checking that BigQuery has it there
-/// (with the tenant's stored key, or the emulator's token). A dataset cannot move: a location
-/// other than its own is refused naming both, and nothing changes.
-pub async fn set_location(
-    control: &ControlPlane,
-    master_key: Option<&MasterKey>,
-    endpoint: &Endpoint,
-    slug: &str,
-    location: &str,
-) -> Result<Tenant, WorkerError> {
-    let location = tenantsync_core::location::parse(location).map_err(invalid)?;
-    let tenant = control.tenant(slug).await?;
-    let creds = match control.credentials(tenant.id).await? {
-        Some(sealed) => {
-            let key = master_key.ok_or_else(|| {
-                invalid("TENANTSYNC_MASTER_KEY is needed to use the tenant's stored key")
-            })?;
-            Credentials::ServiceAccount(key.open(&sealed, tenant.id).map_err(invalid)?)
-        }
-        None if endpoint.emulator => Credentials::Emulator,
-        None => return Err(invalid("tenant has no stored key")),
-    };
-    let dataset = (tenant.bq_project.as_str(), tenant.bq_dataset.as_str());
-    open_dataset(endpoint, dataset, &creds, Some(location.clone())).await?;
-    Ok(control.set_tenant_location(slug, &location).await?)
-}
-
 /// Register a table after checking that it exists, that the key, cursor and tenant columns
 /// exist, that every column maps to a BigQuery type, and that its capture and mode fit: a
 /// changelog table needs `source install-changelog` first (with the same key and tenant
