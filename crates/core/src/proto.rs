@@ -13,7 +13,7 @@
 
 use crate::cdc;
 use crate::mapping::{metadata_fields, BqField, BqType, FieldMode};
-use crate::wire::{self, Wire};
+use crate::wire::{self, Wire, PG_EPOCH_UNIX_DAYS, PG_EPOCH_UNIX_MICROS, USECS_PER_DAY};
 use base64::Engine;
 use prost::encoding::{
     bool as pbool, bytes as pbytes, decode_key, decode_varint, double, encode_key, encode_varint,
@@ -28,10 +28,8 @@ pub const DATE_DAYS: std::ops::RangeInclusive<i64> = -719_162..=2_932_896;
 /// BigQuery's TIMESTAMP (and DATETIME) range in microseconds since the epoch.
 pub const TIMESTAMP_MICROS: std::ops::RangeInclusive<i64> =
     -62_135_596_800_000_000..=253_402_300_799_999_999;
-/// Postgres' epoch (2000-01-01) in days and microseconds after the Unix epoch.
-const PG_EPOCH_DAYS: i64 = 10_957;
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-const MICROS_PER_DAY: i64 = 86_400_000_000;
+/// The Unix epoch (1970-01-01) in days from 0001-01-01 as chrono counts them (day 1).
+pub const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
 
 /// The protobuf type each BigQuery type is sent as (the preferred one where there is a choice;
 /// text for NUMERIC, DATETIME, TIME and JSON, whose literals BigQuery parses).
@@ -218,7 +216,7 @@ fn decode_value(t: BqType, wt: WireType, msg: &mut &[u8]) -> Result<Value, Strin
         BqType::Date => {
             expect(WireType::Varint)?;
             let days = decode_varint(msg).map_err(bad)? as i32;
-            let d = chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+            let d = chrono::NaiveDate::from_num_days_from_ce_opt(days + UNIX_EPOCH_DAYS_FROM_CE)
                 .ok_or_else(|| format!("DATE {days} is out of range"))?;
             Value::String(d.format("%Y-%m-%d").to_string())
         }
@@ -323,14 +321,14 @@ fn encode_scalar(
             string::encode(tag, &s, buf);
         }
         (BqType::Date, Wire::Date) => {
-            let days = i64::from(i32::from_be_bytes(be(v, wire)?)) + PG_EPOCH_DAYS;
+            let days = i64::from(i32::from_be_bytes(be(v, wire)?)) + PG_EPOCH_UNIX_DAYS;
             if !DATE_DAYS.contains(&days) {
                 return Err(format!("{} is outside DATE's range", pg_text(wire, v)));
             }
             int32::encode(tag, &(days as i32), buf);
         }
         (BqType::Timestamp, Wire::Timestamptz) => {
-            let us = i64::from_be_bytes(be(v, wire)?).checked_add(PG_EPOCH_MICROS);
+            let us = i64::from_be_bytes(be(v, wire)?).checked_add(PG_EPOCH_UNIX_MICROS);
             match us.filter(|us| TIMESTAMP_MICROS.contains(us)) {
                 Some(us) => int64::encode(tag, &us, buf),
                 None => return Err(format!("{} is outside TIMESTAMP's range", pg_text(wire, v))),
@@ -339,7 +337,7 @@ fn encode_scalar(
         (BqType::DateTime, Wire::Timestamp) => {
             let us = i64::from_be_bytes(be(v, wire)?);
             if !us
-                .checked_add(PG_EPOCH_MICROS)
+                .checked_add(PG_EPOCH_UNIX_MICROS)
                 .is_some_and(|u| TIMESTAMP_MICROS.contains(&u))
             {
                 return Err(format!("{} is outside DATETIME's range", pg_text(wire, v)));
@@ -350,7 +348,7 @@ fn encode_scalar(
         }
         (BqType::Time, Wire::Time) => {
             let us = i64::from_be_bytes(be(v, wire)?);
-            if !(0..MICROS_PER_DAY).contains(&us) {
+            if !(0..USECS_PER_DAY).contains(&us) {
                 // Postgres allows 24:00:00; BigQuery's TIME ends before it.
                 return Err("24:00:00 is outside TIME's range".into());
             }
@@ -595,7 +593,7 @@ mod tests {
             (
                 8,
                 Wire::Time,
-                MICROS_PER_DAY.to_be_bytes().to_vec(),
+                USECS_PER_DAY.to_be_bytes().to_vec(),
                 "24:00:00",
             ),
             (0, Wire::Text, b"7".to_vec(), "cannot be sent as INT64"),

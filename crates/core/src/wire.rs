@@ -59,8 +59,11 @@ pub enum WireError {
 type Result<T> = std::result::Result<T, WireError>;
 
 /// Days from 0001-01-01 (chrono's day 1 of the common era) to 2000-01-01, Postgres' epoch.
-pub(crate) const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
-const USECS_PER_DAY: i64 = 86_400_000_000;
+const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
+/// Postgres' epoch (2000-01-01) in days and in microseconds after the Unix epoch.
+pub(crate) const PG_EPOCH_UNIX_DAYS: i64 = 10_957;
+pub(crate) const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const USECS_PER_DAY: i64 = 86_400_000_000;
 
 /// Append the JSON of one value. `None` is SQL NULL: `null` for a scalar, `[]` for an array
 /// (BigQuery's REPEATED fields have no NULL).
@@ -427,7 +430,7 @@ pub(crate) fn timestamp(us: i64, sep: char, tz: &str, out: &mut String) -> Optio
 /// A timestamp in microseconds since the Unix epoch from a binary `timestamp`/`timestamptz`.
 pub fn unix_micros(v: &[u8]) -> Option<i64> {
     let us = i64::from_be_bytes(v.try_into().ok()?);
-    us.checked_add(946_684_800_000_000)
+    us.checked_add(PG_EPOCH_UNIX_MICROS)
 }
 
 struct Reader<'a>(&'a [u8]);

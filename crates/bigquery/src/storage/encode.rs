@@ -231,7 +231,7 @@ fn timestamp_micros(s: &str) -> Result<i64, String> {
 /// Days since 1970-01-01 of `YYYY-MM-DD`, within BigQuery's range.
 fn date_days(s: &str) -> Result<i32, String> {
     let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| format!("{s:?} is not a DATE"))?;
-    let days = i64::from(d.num_days_from_ce()) - 719_163;
+    let days = i64::from(d.num_days_from_ce() - proto::UNIX_EPOCH_DAYS_FROM_CE);
     if DATE_DAYS.contains(&days) {
         Ok(days as i32)
     } else {
