@@ -107,7 +107,19 @@ pub async fn sync_while_writing(
     pick: PickSql,
     wait: Duration,
 ) -> Result<u64> {
-    let mut run = env.spawn("run", &["run"], &[]);
+    sync_while_writing_with(env, tenants, seed, pick, wait, &[]).await
+}
+
+/// [`sync_while_writing`] with extra settings for `tenantsync run`.
+pub async fn sync_while_writing_with(
+    env: &crate::TestEnv,
+    tenants: &[i64],
+    seed: u64,
+    pick: PickSql,
+    wait: Duration,
+    vars: &[(&str, &str)],
+) -> Result<u64> {
+    let mut run = env.spawn("run", &["run"], vars);
     let ops = random_writers(
         env.source_pool(),
         tenants,

@@ -3,8 +3,8 @@
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
 use crate::schema::{
-    batches_fields, final_fields, latest_view_sql, sync_fields, sync_fields_with, sync_table,
-    table_fields, SchemaChange, BATCHES_TABLE,
+    batches_fields, batches_layout, final_fields, latest_view_sql, sync_current, sync_fields,
+    sync_fields_with, table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
 };
 use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
@@ -323,6 +323,37 @@ impl BigQuery {
         .map(|_| ())
     }
 
+    /// A table's labels (an empty map when it has none); None when the table does not exist.
+    pub async fn table_labels(
+        &self,
+        table: &str,
+    ) -> Result<Option<serde_json::Map<String, Value>>, BqError> {
+        match self
+            .call(
+                Method::GET,
+                &format!("{}/tables/{table}", self.ds_path()),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(Some(v["labels"].as_object().cloned().unwrap_or_default())),
+            Err(BqError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Set one label of a table (the others stay).
+    pub async fn set_label(&self, table: &str, key: &str, value: &str) -> Result<(), BqError> {
+        let body = json!({"labels": {key: value}});
+        self.call(
+            Method::PATCH,
+            &format!("{}/tables/{table}", self.ds_path()),
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Create a view, or replace its query when it exists.
     pub async fn put_view(&self, name: &str, sql: &str) -> Result<(), BqError> {
         let body = json!({
@@ -479,8 +510,15 @@ impl Sink for BigQuery {
             )
             .await;
         }
-        self.create_table(BATCHES_TABLE, &batches_fields()).await?;
-        let change = sync_table(self, def.table, def.fields).await?;
+        self.create_table_with(BATCHES_TABLE, &batches_fields(), &batches_layout())
+            .await?;
+        let change = sync_fields_with(
+            self,
+            def.table,
+            table_fields(def.fields),
+            &versions_layout(def.fields, def.keys),
+        )
+        .await?;
         if def.mode == Mode::Merge {
             // Partial versions make a `_latest` view meaningless; `_final` is the merged table.
             sync_fields(
@@ -490,9 +528,13 @@ impl Sink for BigQuery {
             )
             .await?;
         } else {
+            // The view reads `<table>_current`, which follows the versions table's columns.
+            // Without a merge point at hand it reads every version too, which is correct; the
+            // next merge narrows it again.
+            let (cols, _) = sync_current(self, def.table, def.keys).await?;
             self.put_view(
                 &format!("{}_latest", def.table),
-                &latest_view_sql(self, def.table, def.keys),
+                &latest_view_sql(self, def.table, def.keys, &cols, None),
             )
             .await?;
         }

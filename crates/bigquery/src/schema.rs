@@ -2,8 +2,10 @@
 
 use crate::client::BigQuery;
 use crate::error::BqError;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tenantsync_core::mapping::{metadata_fields, BqField, BqType, FieldMode};
+use std::time::Duration;
+use tenantsync_core::mapping::{metadata_fields, BqField, BqType, FieldMode, META_SYNCED_AT};
 
 /// The full BigQuery schema of a synced table: source columns, then metadata columns.
 pub fn table_fields(source: &[BqField]) -> Vec<BqField> {
@@ -31,69 +33,316 @@ pub fn batches_fields() -> Vec<BqField> {
     ]
 }
 
+/// How long after its rows were written (`_synced_at`, the slice's start) a batch may still
+/// become visible: the slice's own length plus the settle window (listing, commit, retries).
+/// A slice that takes longer is not committed and its rows are sent again (see
+/// `tenantsync_worker`'s listing step), so no batch becomes visible later than this.
+pub fn visible_within(settle: Duration, slice_max: Duration) -> Duration {
+    settle + slice_max
+}
+
+/// The oldest `_synced_at` a view or the next merge must still read after a merge point:
+/// `back` is [`visible_within`] plus an allowance for two workers' clocks disagreeing (one
+/// stamps `_synced_at`, another takes the point). A version older than this was visible
+/// (so merged into `<table>_current`) before the point, or is never going to be visible.
+pub fn read_from(point: DateTime<Utc>, back: Duration) -> DateTime<Utc> {
+    point - chrono::Duration::from_std(back).unwrap_or(chrono::Duration::MAX)
+}
+
+fn ts_literal(t: DateTime<Utc>) -> String {
+    format!(
+        "TIMESTAMP('{}')",
+        t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
 /// The versions of committed batches, as a subquery: insertAll batches once listed in
 /// `_sync_batches`, Storage Write batches (ids starting with
 /// [`tenantsync_core::names::STORAGE_BATCH_PREFIX`]) as they are: their rows exist only once
-/// their pending stream was committed.
-fn committed(client: &BigQuery, table: &str) -> String {
+/// their pending stream was committed. With `since`, only versions synced from then on: the
+/// filter is on the partitioning (and first clustering) column, so BigQuery reads only those.
+///
+/// Only the table's own listings are read (`_sync_batches` is clustered by table), and with
+/// `since` only those committed from then on: a batch is listed after its rows are written.
+fn committed(client: &BigQuery, table: &str, since: Option<DateTime<Utc>>) -> String {
+    let (recent, listed) = match since {
+        Some(t) => (
+            format!("_synced_at >= {} AND ", ts_literal(t)),
+            format!(" AND committed_at >= {}", ts_literal(t)),
+        ),
+        None => Default::default(),
+    };
     format!(
-        "(SELECT * FROM {} WHERE _batch_id IN (SELECT batch_id FROM {}) OR _batch_id LIKE '{}%')",
+        "(SELECT * FROM {} WHERE {recent}(_batch_id IN (SELECT batch_id FROM {} \
+         WHERE table_name = '{table}'{listed}) OR _batch_id LIKE '{}%'))",
         client.qualified(table),
         client.qualified(BATCHES_TABLE),
         tenantsync_core::names::STORAGE_BATCH_PREFIX
     )
 }
 
-/// `<table>_latest`: one row per key, the newest committed version, deletes removed. Ordering
-/// ties on `_source_ts` (two versions with the same cursor value) are broken by sync time, then
-/// id, so the choice is deterministic.
-pub fn latest_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
-    let keys = keys
-        .iter()
-        .map(|k| format!("`{k}`"))
+/// `<table>_current`'s name.
+pub fn current_table(table: &str) -> String {
+    format!("{table}{}", tenantsync_core::names::CURRENT_SUFFIX)
+}
+
+fn quoted(cols: &[String]) -> String {
+    cols.iter()
+        .map(|c| format!("`{c}`"))
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+/// The order of a key's versions, newest first: `_source_ts`, ties (two versions with one
+/// cursor value) broken by sync time, then id, so the choice is deterministic.
+const NEWEST_FIRST: &str = "_source_ts DESC, _synced_at DESC, _version_id DESC";
+
+/// `<table>_latest`: one row per key, the newest committed version, deletes removed. It reads
+/// `<table>_current` (each key's newest version as of the last merge point) and the committed
+/// versions synced since `since` (the point's [`read_from`]); without a point, every version.
+/// `cols` is the versions table's column list (`<table>_current` has the same columns; named,
+/// because the two may hold them in different orders).
+pub fn latest_view_sql(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+    cols: &[String],
+    since: Option<DateTime<Utc>>,
+) -> String {
+    let list = quoted(cols);
     format!(
         "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
-         ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) AS _rn FROM {}) \
+         ORDER BY {NEWEST_FIRST}) AS _rn FROM (SELECT {list} FROM {current} \
+         UNION ALL SELECT {list} FROM {recent})) \
          WHERE _rn = 1 AND _op != 'delete'",
-        committed(client, table)
+        keys = quoted(keys),
+        current = client.qualified(&current_table(table)),
+        recent = committed(client, table, since),
     )
 }
 
-/// Compaction (latest mode): delete every version that is not its key's newest and was
-/// synced more than `window_s` seconds ago. The window keeps DML away from rows that may still
-/// sit in the streaming buffer (BigQuery refuses to modify those) and leaves recent history for
-/// readers who look at versions. The order matches `latest_view_sql`, so the view's answer
-/// never changes.
+/// Bring `<table>_current` up to a merge point: per key, the newest committed version synced
+/// since `since` (the previous point's [`read_from`]; every version the first time) replaces
+/// the stored row if it is newer in the views' order. Deletes stay as rows (`_op = 'delete'`):
+/// a version of the key that becomes visible later must still lose to them. Re-reading
+/// versions merged before changes nothing, so overlapping runs (a stale worker's) are
+/// harmless. Only `<table>_current` is written: versions in insertAll's streaming buffer are
+/// read, never changed.
+pub fn current_merge_sql(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+    cols: &[String],
+    since: Option<DateTime<Utc>>,
+) -> String {
+    let on: Vec<String> = keys.iter().map(|k| format!("C.`{k}` = S.`{k}`")).collect();
+    let set: Vec<String> = cols.iter().map(|c| format!("`{c}` = S.`{c}`")).collect();
+    let values: Vec<String> = cols.iter().map(|c| format!("S.`{c}`")).collect();
+    format!(
+        "MERGE {current} C USING (\
+           SELECT * EXCEPT(_rn) FROM (SELECT {list}, ROW_NUMBER() OVER (PARTITION BY {key_list} \
+             ORDER BY {NEWEST_FIRST}) AS _rn FROM {recent}) WHERE _rn = 1) S \
+         ON {on} \
+         WHEN MATCHED AND (S._source_ts > C._source_ts OR (S._source_ts = C._source_ts AND \
+           (S._synced_at > C._synced_at OR (S._synced_at = C._synced_at AND \
+            S._version_id > C._version_id)))) THEN UPDATE SET {set} \
+         WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({values})",
+        current = client.qualified(&current_table(table)),
+        list = quoted(cols),
+        key_list = quoted(keys),
+        recent = committed(client, table, since),
+        on = on.join(" AND "),
+        set = set.join(", "),
+        values = values.join(", "),
+    )
+}
+
+/// Compaction (latest mode): delete every version synced before `settled` (a merge point's
+/// [`read_from`]: merged into `<table>_current` by then, or never to be visible) that is not
+/// a key's current version, and that was synced more than `window_s` seconds ago. The window
+/// keeps DML away from rows that may still sit in insertAll's streaming buffer (BigQuery
+/// refuses to modify those) and leaves recent history for readers who look at versions.
 ///
-/// `_version_id` is not unique in the table: a slice re-sent after BigQuery's insertId window
-/// (a worker killed after its rows landed) stores a second copy of the same versions. So what
-/// is kept is named, not what is deleted: every row whose `_version_id` is some key's newest
-/// committed version survives, all its copies included (the view shows one). Deleting "the
-/// ids ranked below 1" instead deleted both copies of a doubled newest version, and the key
-/// with them (issue 13).
-pub fn compact_sql(client: &BigQuery, table: &str, keys: &[String], window_s: u64) -> String {
-    let keys = keys
-        .iter()
-        .map(|k| format!("`{k}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let t = client.qualified(table);
-    // Ranked among committed versions only, like the view. Versions of insertAll batches never
-    // listed are deleted too once old: a later slice sent their rows again. Storage Write
-    // batches are never listed and are committed by being there at all.
+/// What is kept is named, not what is deleted: `_version_id` is not unique in the table (a
+/// slice re-sent after BigQuery's insertId window stores a second copy of the same
+/// versions), and every copy of a current version survives. Deleting "the ids ranked below 1"
+/// instead deleted both copies of a doubled newest version, and the key with them (issue 13).
+/// Versions of batches never made visible go too: a later slice sent their rows again.
+pub fn compact_sql(
+    client: &BigQuery,
+    table: &str,
+    window_s: u64,
+    settled: DateTime<Utc>,
+) -> String {
     format!(
         "DELETE FROM {t} \
          WHERE _synced_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL {window_s} SECOND) \
-         AND ((_batch_id NOT IN (SELECT batch_id FROM {b}) AND _batch_id NOT LIKE '{w}%') \
-              OR _version_id NOT IN (SELECT _version_id FROM (SELECT _version_id, ROW_NUMBER() OVER \
-                 (PARTITION BY {keys} ORDER BY _source_ts DESC, _synced_at DESC, _version_id DESC) \
-                 AS _rn FROM {c}) WHERE _rn = 1))",
-        b = client.qualified(BATCHES_TABLE),
-        w = tenantsync_core::names::STORAGE_BATCH_PREFIX,
-        c = committed(client, table),
+         AND _synced_at < {settled} \
+         AND _version_id NOT IN (SELECT _version_id FROM {c})",
+        t = client.qualified(table),
+        c = client.qualified(&current_table(table)),
+        settled = ts_literal(settled),
     )
+}
+
+/// Latest mode: forget the listings of a table's batches committed before `settled` (a merge
+/// point's [`read_from`]). Neither the view nor the next merge reads versions that old, and
+/// compaction keeps what `<table>_current` names, so `_sync_batches` holds a settle window's
+/// slices instead of one row per slice forever. History-mode tables keep their listings:
+/// readers of every version need them to tell committed batches from abandoned ones.
+pub fn prune_batches_sql(client: &BigQuery, table: &str, settled: DateTime<Utc>) -> String {
+    format!(
+        "DELETE FROM {b} WHERE table_name = '{table}' AND committed_at < {settled}",
+        b = client.qualified(BATCHES_TABLE),
+        settled = ts_literal(settled),
+    )
+}
+
+/// Types BigQuery clusters by.
+fn clusterable(t: BqType) -> bool {
+    !matches!(
+        t,
+        BqType::Float64 | BqType::Bytes | BqType::Json | BqType::Time
+    )
+}
+
+/// The key columns a table can be clustered by, at most `max` (BigQuery takes four).
+fn cluster_keys(fields: &[BqField], keys: &[String], max: usize) -> Vec<String> {
+    keys.iter()
+        .filter(|k| {
+            fields.iter().any(|f| {
+                &f.name == *k && f.mode != FieldMode::Repeated && clusterable(f.field_type)
+            })
+        })
+        .take(max)
+        .cloned()
+        .collect()
+}
+
+/// A versions table's layout: partitioned by day of `_synced_at` and clustered by it first,
+/// so the views' and merges' "synced since" reads only recent blocks; then by key. Only a
+/// new table gets it (BigQuery cannot partition an existing one).
+pub fn versions_layout(fields: &[BqField], keys: &[String]) -> Value {
+    let mut cluster = vec![META_SYNCED_AT.to_string()];
+    cluster.extend(cluster_keys(fields, keys, 3));
+    serde_json::json!({
+        "timePartitioning": {"type": "DAY", "field": META_SYNCED_AT},
+        "clustering": {"fields": cluster},
+    })
+}
+
+/// `<table>_current`'s layout: clustered by key, which the merge joins on.
+pub fn current_layout(fields: &[BqField], keys: &[String]) -> Value {
+    let cluster = cluster_keys(fields, keys, 4);
+    if cluster.is_empty() {
+        return Value::Null;
+    }
+    serde_json::json!({"clustering": {"fields": cluster}})
+}
+
+/// `_sync_batches`' layout: by day of commit, clustered by table.
+pub fn batches_layout() -> Value {
+    serde_json::json!({
+        "timePartitioning": {"type": "DAY", "field": "committed_at"},
+        "clustering": {"fields": ["table_name"]},
+    })
+}
+
+/// Make `<table>_current` hold the versions table's columns (created, added or widened like
+/// the versions table itself) and return their names in the versions table's order, and
+/// whether it was created just now (then it holds nothing, whatever merge point was kept).
+pub async fn sync_current(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+) -> Result<(Vec<String>, bool), BqError> {
+    let Some(existing) = client.table_schema(table).await? else {
+        return Err(BqError::NotFound(format!("table {table}")));
+    };
+    let fields: Vec<BqField> = existing
+        .iter()
+        .map(|f| {
+            let name = f["name"].as_str().unwrap_or_default().to_string();
+            let field_type = field_type(f).ok_or_else(|| {
+                BqError::SchemaIncompatible(format!(
+                    "column {name:?} of BigQuery table {table} has a type tenantsync does not write"
+                ))
+            })?;
+            let mode = match f["mode"].as_str() {
+                Some("REPEATED") => FieldMode::Repeated,
+                Some("REQUIRED") => FieldMode::Required,
+                _ => FieldMode::Nullable,
+            };
+            Ok(BqField {
+                name,
+                field_type,
+                mode,
+            })
+        })
+        .collect::<Result<_, BqError>>()?;
+    let layout = current_layout(&fields, keys);
+    let change = sync_fields_with(client, &current_table(table), fields.clone(), &layout).await?;
+    let names = fields.into_iter().map(|f| f.name).collect();
+    Ok((names, change == SchemaChange::Created))
+}
+
+/// The label of `<table>_current` that holds its merge point, in microseconds since the
+/// epoch. Kept on the table itself: a `<table>_current` deleted and created again has no
+/// point, so its first merge reads every version.
+pub const MERGE_POINT_LABEL: &str = "tenantsync_merged_through_us";
+
+/// `<table>_current`'s merge point, if it has one.
+pub async fn merge_point(client: &BigQuery, table: &str) -> Result<Option<DateTime<Utc>>, BqError> {
+    let labels = client.table_labels(&current_table(table)).await?;
+    Ok(labels
+        .and_then(|l| l.get(MERGE_POINT_LABEL)?.as_str()?.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_micros))
+}
+
+/// What one merge into `<table>_current` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    /// The new merge point: every version visible before it is in `<table>_current`.
+    pub point: DateTime<Utc>,
+    /// From which `_synced_at` the merge read versions (None: all of them).
+    pub read_since: Option<DateTime<Utc>>,
+}
+
+/// Latest and history mode: merge the versions that became visible since the last point into
+/// `<table>_current`, then record the new point and narrow `<table>_latest` to it. Each step
+/// leaves things correct if the next one fails: a point or view left behind only reads more.
+pub async fn merge_current(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+    read_back: Duration,
+) -> Result<Merged, BqError> {
+    let (cols, created) = sync_current(client, table, keys).await?;
+    let previous = match created {
+        true => None,
+        false => merge_point(client, table).await?,
+    };
+    let read_since = previous.map(|p| read_from(p, read_back));
+    // Taken before the MERGE starts, so its snapshot holds everything visible at the point.
+    let point = Utc::now();
+    client
+        .query(&current_merge_sql(client, table, keys, &cols, read_since))
+        .await?;
+    client
+        .set_label(
+            &current_table(table),
+            MERGE_POINT_LABEL,
+            &point.timestamp_micros().to_string(),
+        )
+        .await?;
+    let since = Some(read_from(point, read_back));
+    client
+        .put_view(
+            &format!("{table}{}", tenantsync_core::names::LATEST_SUFFIX),
+            &latest_view_sql(client, table, keys, &cols, since),
+        )
+        .await?;
+    Ok(Merged { point, read_since })
 }
 
 /// `<table>_final` (merge mode): one full row per key, the source columns plus the newest
@@ -168,7 +417,7 @@ pub fn merge_sql(client: &BigQuery, table: &str, keys: &[String], source: &[BqFi
          WHEN NOT MATCHED AND S._op != 'delete' THEN \
            INSERT ({cols}, _source_ts, _merged_at) VALUES ({s_cols}, S._source_ts, CURRENT_TIMESTAMP())",
         final_t = client.qualified(&format!("{table}_final")),
-        committed = committed(client, table),
+        committed = committed(client, table, None),
         on = on.join(" AND "),
         set = set.join(", "),
         cols = cols.join(", "),
@@ -315,6 +564,49 @@ pub async fn sync_fields_with(
 mod tests {
     use super::*;
 
+    fn f(name: &str, field_type: BqType) -> BqField {
+        BqField {
+            name: name.into(),
+            field_type,
+            mode: FieldMode::Nullable,
+        }
+    }
+
+    #[test]
+    fn versions_are_clustered_by_sync_time_then_clusterable_keys() {
+        let fields = [
+            f("a", BqType::Float64),
+            f("b", BqType::Int64),
+            f("c", BqType::String),
+            f("d", BqType::Date),
+            f("e", BqType::Timestamp),
+        ];
+        let keys: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let v = versions_layout(&fields, &keys);
+        assert_eq!(v["timePartitioning"]["field"], "_synced_at");
+        // FLOAT64 cannot cluster; BigQuery takes four columns.
+        assert_eq!(
+            v["clustering"]["fields"],
+            serde_json::json!(["_synced_at", "b", "c", "d"])
+        );
+        let c = current_layout(&fields, &keys);
+        assert_eq!(
+            c["clustering"]["fields"],
+            serde_json::json!(["b", "c", "d", "e"])
+        );
+        assert!(current_layout(&fields[..1], &keys[..1]).is_null());
+    }
+
+    #[test]
+    fn merge_points_read_back_the_settle_window_and_slice_and_clock() {
+        let point = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let back = visible_within(Duration::from_secs(3 * 3600), Duration::from_secs(20))
+            + Duration::from_secs(60);
+        assert_eq!(
+            read_from(point, back),
+            DateTime::from_timestamp(1_000_000 - 10_800 - 80, 0).unwrap()
+        );
+    }
     #[test]
     fn only_bigquerys_coercions_widen() {
         use BqType::*;

@@ -3,7 +3,9 @@
 //! (a source `_rn` once vanished from `<table>_latest` through `SELECT * EXCEPT(_rn)`).
 
 use std::time::Duration;
-use tenantsync_bigquery::schema::{compact_sql, final_fields, latest_view_sql, merge_sql};
+use tenantsync_bigquery::schema::{
+    compact_sql, current_merge_sql, final_fields, latest_view_sql, merge_sql, prune_batches_sql,
+};
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
 use tenantsync_core::names::{HELPER_COLUMNS, METADATA_COLUMNS};
@@ -39,9 +41,16 @@ async fn every_column_the_sql_introduces_is_reserved() {
         field_type: BqType::String,
         mode: FieldMode::Nullable,
     }];
+    let cols: Vec<String> = ["id", "v", "_op", "_source_ts", "_synced_at", "_batch_id"]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let now = chrono::Utc::now();
     let sql = [
-        latest_view_sql(&client, "t", &keys),
-        compact_sql(&client, "t", &keys, 60),
+        latest_view_sql(&client, "t", &keys, &cols, Some(now)),
+        current_merge_sql(&client, "t", &keys, &cols, Some(now)),
+        compact_sql(&client, "t", 60, now),
+        prune_batches_sql(&client, "t", now),
         merge_sql(&client, "t", &keys, &source),
     ]
     .join("\n");

@@ -37,6 +37,9 @@ pub const INTERNAL_TABLES: &[&str] = &[BATCHES_TABLE];
 pub const LATEST_SUFFIX: &str = "_latest";
 /// `<table>_final`: the merged table of merge mode.
 pub const FINAL_SUFFIX: &str = "_final";
+/// `<table>_current`: latest and history mode's current state, one row per key as of its
+/// last merge point, which `<table>_latest` reads instead of every version.
+pub const CURRENT_SUFFIX: &str = "_current";
 /// The source database's schema that holds the change tables and their trigger functions.
 pub const CHANGES_SCHEMA: &str = "tenantsync_changes";
 /// Appended to a change table's name for its trigger function.
@@ -134,6 +137,8 @@ pub enum Kind {
     BqLatestView,
     /// `<table>_final` (merge mode).
     BqFinalTable,
+    /// `<table>_current` (latest and history mode).
+    BqCurrentTable,
     /// `_sync_batches` and the like, one per dataset.
     BqInternal,
     /// `tenantsync_changes.<change table>` (changelog capture).
@@ -156,9 +161,11 @@ pub enum Namespace {
 impl Kind {
     pub fn namespace(self) -> Namespace {
         match self {
-            Self::BqTable | Self::BqLatestView | Self::BqFinalTable | Self::BqInternal => {
-                Namespace::Dataset
-            }
+            Self::BqTable
+            | Self::BqLatestView
+            | Self::BqFinalTable
+            | Self::BqCurrentTable
+            | Self::BqInternal => Namespace::Dataset,
             Self::PgChangeTable => Namespace::PgRelations,
             Self::PgCaptureFunction => Namespace::PgFunctions,
         }
@@ -177,6 +184,7 @@ impl Kind {
             Self::BqTable => "BigQuery table",
             Self::BqLatestView => "BigQuery view",
             Self::BqFinalTable => "BigQuery merge table",
+            Self::BqCurrentTable => "BigQuery current-state table",
             Self::BqInternal => "BigQuery internal table",
             Self::PgChangeTable => "change table",
             Self::PgCaptureFunction => "trigger function",
@@ -233,10 +241,16 @@ impl<'a> TableNames<'a> {
                 kind: Kind::BqFinalTable,
                 name: format!("{bq}{FINAL_SUFFIX}"),
             }),
-            Mode::Latest | Mode::History => out.push(Derived {
-                kind: Kind::BqLatestView,
-                name: format!("{bq}{LATEST_SUFFIX}"),
-            }),
+            Mode::Latest | Mode::History => out.extend([
+                Derived {
+                    kind: Kind::BqLatestView,
+                    name: format!("{bq}{LATEST_SUFFIX}"),
+                },
+                Derived {
+                    kind: Kind::BqCurrentTable,
+                    name: format!("{bq}{CURRENT_SUFFIX}"),
+                },
+            ]),
             // BigQuery keeps one row per key in the table itself: nothing derived.
             Mode::Cdc => {}
         }
@@ -494,7 +508,11 @@ mod tests {
         };
         let e = refusal(t("public", "p_final"), &[merge]);
         assert!(e.contains("BigQuery merge table"), "{e}");
-        // Latest mode has no `_final`, merge mode no `_latest`.
+        let e = refusal(t("public", "notes_current"), &[t("public", "notes")]);
+        assert!(e.contains("BigQuery current-state table"), "{e}");
+        // Latest mode has no `_final`, merge mode no `_latest` or `_current`.
+        assert!(check_new_table(&t("public", "p_current"), &[merge]).is_ok());
+
         assert!(check_new_table(&t("public", "q_final"), &[t("public", "q")]).is_ok());
         assert!(check_new_table(&t("public", "p_latest"), &[merge]).is_ok());
         let e = refusal(t("public", "_SYNC_batches"), &[]);

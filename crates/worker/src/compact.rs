@@ -1,11 +1,15 @@
-//! Periodic work after a caught-up slice. Latest mode: compaction, superseded versions older
-//! than the window are deleted, so a table that is updated often does not grow without bound.
-//! Merge mode: the MERGE that rebuilds `<table>_final` from partial versions. History-mode
-//! tables keep every version and need neither. Every mode: rows that can never be sent
-//! (cursor NULL or infinite) are reported as dead letters.
+//! Periodic work after a caught-up slice. Latest and history mode: the merge of recently
+//! visible versions into `<table>_current`, which keeps what `<table>_latest` reads bounded
+//! by the live rows; latest mode then compacts (superseded versions older than the window
+//! are deleted, so a table that is updated often does not grow without bound) and forgets old
+//! `_sync_batches` listings. Merge mode: the MERGE that rebuilds `<table>_final` from partial
+//! versions. Every mode: rows that can never be sent (cursor NULL or infinite) are reported
+//! as dead letters.
 
 use crate::{Worker, WorkerError};
-use tenantsync_bigquery::schema::{compact_sql, merge_sql};
+use tenantsync_bigquery::schema::{
+    compact_sql, merge_current, merge_sql, prune_batches_sql, read_from, visible_within, Merged,
+};
 use tenantsync_core::{Mode, TableSpec, Tenant};
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::TaskId;
@@ -20,8 +24,10 @@ impl Worker {
         let done = match spec.mode {
             Mode::Merge => self.merge(tenant, spec).await,
             Mode::Latest => self.compact(tenant, spec).await,
-            // History keeps every version; BigQuery applies a CDC table's changes itself.
-            Mode::History | Mode::Cdc => return,
+            // History keeps every version, but its view reads `<table>_current` too.
+            Mode::History => self.merge_current(tenant, spec).await.map(|_| ()),
+            // BigQuery applies a CDC table's changes itself.
+            Mode::Cdc => return,
         };
         if let Err(e) = done {
             warn!(tenant = %tenant.slug, table = %spec.source_table, mode = %spec.mode, error = %e, "periodic compaction/merge failed; it waits for the next turn");
@@ -98,20 +104,54 @@ impl Worker {
         Ok(())
     }
 
-    /// Delete the superseded versions of a tenant's table synced before the compaction window.
-    pub async fn compact(&self, tenant: &Tenant, spec: &TableSpec) -> Result<(), WorkerError> {
+    /// How long after `_synced_at` a batch may still become visible (see
+    /// [`tenantsync_bigquery::schema::visible_within`]); the listing step holds slices to it.
+    pub(crate) fn visible_within(&self) -> std::time::Duration {
+        visible_within(self.cfg.compact_window, self.cfg.slice_max_duration)
+    }
+
+    /// How far before a merge point versions are still read: [`Self::visible_within`] plus
+    /// the allowance for workers' clocks.
+    pub fn read_back(&self) -> std::time::Duration {
+        self.visible_within() + self.cfg.clock_skew
+    }
+
+    /// Merge the versions visible since the last merge point into `<table>_current` and
+    /// narrow `<table>_latest` to the new point, so the view reads the current state plus
+    /// recent versions, not the table's history.
+    pub async fn merge_current(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+    ) -> Result<Merged, WorkerError> {
         let client = self.client(tenant).await?;
-        let sql = compact_sql(
-            &client,
-            &spec.bq_table(),
-            &spec.key_columns,
-            self.cfg.compact_window.as_secs(),
-        );
-        self.retry_bq("compact", tenant, || async {
-            Ok(client.query(&sql).await?)
-        })
-        .await?;
-        info!(tenant = %tenant.slug, table = %spec.source_table, window_s = self.cfg.compact_window.as_secs(), "compacted superseded versions");
+        let table = spec.bq_table();
+        let back = self.read_back();
+        let merged = self
+            .retry_bq("merge current", tenant, || async {
+                Ok(merge_current(&client, &table, &spec.key_columns, back).await?)
+            })
+            .await?;
+        info!(tenant = %tenant.slug, table = %spec.source_table, point = %merged.point, read_since = ?merged.read_since, "merged visible versions into _current");
+        Ok(merged)
+    }
+
+    /// Latest mode, after a merge into `<table>_current`: delete the versions that are neither
+    /// current nor recent (older than the compaction window and the merge's read horizon), and
+    /// the `_sync_batches` listings no reader needs any more.
+    pub async fn compact(&self, tenant: &Tenant, spec: &TableSpec) -> Result<(), WorkerError> {
+        let merged = self.merge_current(tenant, spec).await?;
+        let client = self.client(tenant).await?;
+        let table = spec.bq_table();
+        let settled = read_from(merged.point, self.read_back());
+        let window_s = self.cfg.compact_window.as_secs();
+        let compact = compact_sql(&client, &table, window_s, settled);
+        let prune = prune_batches_sql(&client, &table, settled);
+        for (what, sql) in [("compact", &compact), ("prune listings", &prune)] {
+            self.retry_bq(what, tenant, || async { Ok(client.query(sql).await?) })
+                .await?;
+        }
+        info!(tenant = %tenant.slug, table = %spec.source_table, window_s, %settled, "compacted superseded versions and old listings");
         Ok(())
     }
 }

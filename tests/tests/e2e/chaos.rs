@@ -33,6 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// local BigQuery busy with DELETEs and the tasks behind.
 const COMPACT_WINDOW_S: u64 = 10;
 const COMPACT_EVERY_S: u64 = 20;
+const SLICE_MAX_S: u64 = 5;
 /// Every fault must be followed by an acknowledged insert and a commit within this long (the
 /// issue: a Redis blip should cost seconds; a fault here costs about a lease TTL or a
 /// reconnect).
@@ -360,6 +361,10 @@ pub(crate) async fn run(writes: Writes) {
         ("TENANTSYNC_MAX_ATTEMPTS", "10".to_string()),
         ("TENANTSYNC_COMPACT_WINDOW_S", COMPACT_WINDOW_S.to_string()),
         ("TENANTSYNC_COMPACT_EVERY_S", COMPACT_EVERY_S.to_string()),
+        // Merges into `<table>_current` run at every compaction turn, mid-run, and read
+        // back the window plus a slice's length (one machine: no clock allowance).
+        ("TENANTSYNC_SLICE_MAX_MS", SLICE_MAX_S.to_string() + "000"),
+        ("TENANTSYNC_CLOCK_SKEW_S", "0".to_string()),
     ]);
     if let Some(g) = &grpc {
         worker_vars.extend([
@@ -585,10 +590,15 @@ pub(crate) async fn run(writes: Writes) {
         "keys in _latest whose newest version is stored twice (before the last compaction): \
          {doubled}"
     );
-    let wait = Duration::from_secs(COMPACT_WINDOW_S + 1).saturating_sub(drained_at.elapsed());
-    tokio::time::sleep(wait).await;
+    // The last compaction reads back as far as the workers' merges did; everything written
+    // before the drain is older than that by then.
     let mut cfg = env.worker_config();
     cfg.compact_window = Duration::from_secs(COMPACT_WINDOW_S);
+    cfg.slice_max_duration = Duration::from_secs(SLICE_MAX_S);
+    cfg.clock_skew = Duration::ZERO;
+    let wait = Duration::from_secs(COMPACT_WINDOW_S + SLICE_MAX_S + 1)
+        .saturating_sub(drained_at.elapsed());
+    tokio::time::sleep(wait).await;
     let compactor = env.worker_with(cfg, std::sync::Arc::new(tenantsync_worker::NoHooks));
     for t in &tenants {
         for spec in &specs {

@@ -36,8 +36,12 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
         .unwrap();
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
-    // A sync here takes 2-3 s; the window must span one sync comfortably.
+    // A sync here takes 2-3 s; the window must span one sync comfortably. Versions are
+    // compacted once older than the window plus the slice length and the clock allowance
+    // (merges read back that far): 8 + 1 + 0 s here.
     cfg.compact_window = Duration::from_secs(8);
+    cfg.slice_max_duration = Duration::from_secs(1);
+    cfg.clock_skew = Duration::ZERO;
     cfg.compact_every = Duration::ZERO;
     let worker = env.worker_with(cfg, Arc::new(NoHooks));
     let bq = env.bq(&t).await.unwrap();
@@ -56,7 +60,7 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
     env.sync_once(&worker).await.unwrap(); // v2: compaction runs, v1 is younger than 8 s
     assert_eq!(count("cur", "").await, 20, "superseded but young: kept");
 
-    tokio::time::sleep(Duration::from_secs(9)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     update("1,2,3,4,5").await;
     env.sync_once(&worker).await.unwrap(); // v3 of 5 rows: v1 and v2 of those are old now
     update("1").await;
@@ -94,6 +98,8 @@ async fn compaction_keeps_a_newest_version_stored_twice() {
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
     cfg.compact_window = Duration::from_secs(3);
+    cfg.slice_max_duration = Duration::from_secs(1);
+    cfg.clock_skew = Duration::ZERO;
     let worker = env.worker_with(cfg, Arc::new(NoHooks));
     let bq = env.bq(&t).await.unwrap();
     let count = |table: &'static str, filter: &'static str| count(&bq, table, filter);
@@ -113,7 +119,8 @@ async fn compaction_keeps_a_newest_version_stored_twice() {
     assert_eq!(count("twice", "").await, 30);
     assert_eq!(count("twice_latest", "").await, 10);
 
-    tokio::time::sleep(Duration::from_secs(4)).await; // everything is past the window now
+    // Everything is past the window (3 s) plus the slice length (1 s) now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     worker.compact(&t, &spec).await.unwrap();
     assert_eq!(
         count("twice_latest", "").await,

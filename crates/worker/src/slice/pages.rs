@@ -10,7 +10,7 @@ use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tenantsync_bigquery::{Sink, WriteSink};
+use tenantsync_bigquery::{BqError, Sink, WriteSink};
 use tenantsync_core::{Mode, Payload, TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
@@ -134,6 +134,7 @@ impl Worker {
             return Ok(SliceRun::Crashed);
         }
         let batches_visible_through = self.list_slice_batches(&s, &p).await?;
+        self.check_visible_in_time(&s, &p)?;
         Ok(SliceRun::Done(
             self.progress(&s, p, batches_visible_through).await?,
         ))
@@ -316,6 +317,29 @@ impl Worker {
         self.list_batches(s.sink, tenant, &def, &ids, (p.acked - p.dead) as i64)
             .await?;
         Ok(Some(claim.fencing_token))
+    }
+
+    /// A slice's rows must become visible within [`Worker::visible_within`] of their
+    /// `_synced_at`: merges into `<table>_current` and `<table>_latest` read versions only
+    /// from shortly before their point, so rows made visible later might be seen by neither.
+    /// Such a slice (held up by retries, or by a stall) is not committed: the next one sends
+    /// its rows again with a new `_synced_at`.
+    fn check_visible_in_time(&self, s: &Slice<'_>, p: &Pages) -> Result<(), WorkerError> {
+        // Merge mode rereads every version; CDC tables have no view.
+        if p.acked == 0 || !matches!(s.spec.mode, Mode::Latest | Mode::History) {
+            return Ok(());
+        }
+        let took_us = Utc::now().timestamp_micros() - s.synced_at_us;
+        let limit = self.visible_within();
+        if took_us <= limit.as_micros() as i64 {
+            return Ok(());
+        }
+        Err(WorkerError::BigQuery(BqError::Transient(format!(
+            "the slice's rows became visible {:.0} s after they were written, more than the \
+             {} s a merge reads back (compaction window plus slice length); they are sent again",
+            took_us as f64 / 1e6,
+            limit.as_secs()
+        ))))
     }
 
     /// What the commit records: the watermark just past the last handled row, how far the

@@ -29,8 +29,8 @@ pub(crate) async fn force_schema<S: Sink>(sink: &S, def: &TableDef<'_>) -> Resul
 }
 
 /// Version of the view SQL (`tenantsync_bigquery::schema`): 2 shows Storage Write batches
-/// without a listing.
-const VIEWS_VERSION: &str = "views2";
+/// without a listing; 3 reads `<table>_current` (created then) and recent versions.
+const VIEWS_VERSION: &str = "views3";
 
 impl Worker {
     /// [`force_schema`], skipped when the task's stored schema hash matches the plan (no API
