@@ -34,7 +34,8 @@ pub fn batches_fields() -> Vec<BqField> {
 }
 
 /// How long after its rows were written (`_synced_at`, the slice's start) a batch may still
-/// become visible: the slice's own length plus the settle window (listing, commit, retries).
+/// become visible: the slice's own length plus the settle window (listing, commit, retries;
+/// `TENANTSYNC_SETTLE_S`).
 /// A slice that takes longer is not committed and its rows are sent again (see
 /// `tenantsync_worker`'s listing step), so no batch becomes visible later than this.
 pub fn visible_within(settle: Duration, slice_max: Duration) -> Duration {
@@ -317,14 +318,25 @@ pub async fn merge_current(
     keys: &[String],
     read_back: Duration,
 ) -> Result<Merged, BqError> {
+    // Taken before the MERGE starts, so its snapshot holds everything visible at the point.
+    merge_current_at(client, table, keys, read_back, Utc::now()).await
+}
+
+/// [`merge_current`] with the point given: the read-cost benchmark replays days of slices
+/// with their times in the past.
+pub async fn merge_current_at(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+    read_back: Duration,
+    point: DateTime<Utc>,
+) -> Result<Merged, BqError> {
     let (cols, created) = sync_current(client, table, keys).await?;
     let previous = match created {
         true => None,
         false => merge_point(client, table).await?,
     };
     let read_since = previous.map(|p| read_from(p, read_back));
-    // Taken before the MERGE starts, so its snapshot holds everything visible at the point.
-    let point = Utc::now();
     client
         .query(&current_merge_sql(client, table, keys, &cols, read_since))
         .await?;
@@ -600,11 +612,11 @@ mod tests {
     #[test]
     fn merge_points_read_back_the_settle_window_and_slice_and_clock() {
         let point = DateTime::from_timestamp(1_000_000, 0).unwrap();
-        let back = visible_within(Duration::from_secs(3 * 3600), Duration::from_secs(20))
+        let back = visible_within(Duration::from_secs(300), Duration::from_secs(20))
             + Duration::from_secs(60);
         assert_eq!(
             read_from(point, back),
-            DateTime::from_timestamp(1_000_000 - 10_800 - 80, 0).unwrap()
+            DateTime::from_timestamp(1_000_000 - 300 - 80, 0).unwrap()
         );
     }
     #[test]

@@ -175,6 +175,8 @@ pub fn worker() -> Result<tenantsync_worker::WorkerConfig> {
         "TENANTSYNC_COMPACT_WINDOW_S",
         c.compact_window.as_secs(),
     )?);
+    c.settle_window =
+        Duration::from_secs(parsed("TENANTSYNC_SETTLE_S", c.settle_window.as_secs())?);
     c.clock_skew = Duration::from_secs(parsed("TENANTSYNC_CLOCK_SKEW_S", c.clock_skew.as_secs())?);
     c.page_rows = parsed("TENANTSYNC_PAGE_ROWS", c.page_rows)?.max(1);
     c.write_api = match var("TENANTSYNC_WRITE_API") {

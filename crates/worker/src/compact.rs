@@ -107,7 +107,7 @@ impl Worker {
     /// How long after `_synced_at` a batch may still become visible (see
     /// [`tenantsync_bigquery::schema::visible_within`]); the listing step holds slices to it.
     pub(crate) fn visible_within(&self) -> std::time::Duration {
-        visible_within(self.cfg.compact_window, self.cfg.slice_max_duration)
+        visible_within(self.cfg.settle_window, self.cfg.slice_max_duration)
     }
 
     /// How far before a merge point versions are still read: [`Self::visible_within`] plus

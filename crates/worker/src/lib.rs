@@ -58,11 +58,13 @@ pub struct WorkerConfig {
     pub global_budget: tenantsync_lease::ratelimit::Budget,
     /// Budget of a tenant that has none of its own.
     pub tenant_budget: tenantsync_lease::ratelimit::Budget,
-    /// Compaction (latest mode) keeps superseded versions synced within this window. It is
-    /// also the settle window: a slice's rows must become visible within it (plus the slice's
-    /// length) or the slice is sent again, which lets merges into `<table>_current` read back
-    /// only that far.
+    /// Compaction (latest mode) keeps superseded versions synced within this window (at
+    /// least insertAll's streaming buffer, which DML cannot touch).
     pub compact_window: Duration,
+    /// A slice's rows must become visible within this long after the slice's length (its
+    /// listing or commit, retries included) or the slice is sent again; merges into
+    /// `<table>_current` therefore read back only this far.
+    pub settle_window: Duration,
     /// How far two workers' clocks may disagree: merges read this much further back.
     pub clock_skew: Duration,
     /// A task's table is compacted at most this often, after a caught-up slice.
@@ -97,6 +99,7 @@ impl WorkerConfig {
             global_budget: Default::default(),
             tenant_budget: Default::default(),
             compact_window: Duration::from_secs(3 * 3600),
+            settle_window: Duration::from_secs(300),
             clock_skew: Duration::from_secs(60),
             compact_every: Duration::from_secs(3600),
             merge_every: Duration::from_secs(300),

@@ -71,16 +71,20 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
         .await
         .unwrap();
     assert_eq!(count(format!("SELECT COUNT(*) FROM {latest}")).await, 100);
-    // insertAll: the committing slice listed its own batch and the dead one's (its rows are
-    // correct versions the new batch covers). Storage Write lists nothing: its commit is the
-    // visibility point, and the dead slice's stream was never committed.
+    // insertAll: the committing slice listed its own batch only; it sent the dead one's rows
+    // again (insertIds name the batch, so BigQuery kept them), and the dead batch stays
+    // invisible. Storage Write lists nothing: its commit is the visibility point, and the
+    // dead slice's stream was never committed.
     let listed = count(format!(
         "SELECT COUNT(*) FROM {batches} WHERE batch_id IN ('{0}-{1}-1', '{0}-{1}-2')",
         tenant.id, contacts.id
     ))
     .await;
     match env.write_api() {
-        tenantsync_core::WriteApi::InsertAll => assert_eq!(listed, 2),
+        tenantsync_core::WriteApi::InsertAll => {
+            assert_eq!(listed, 1);
+            assert_eq!(count(format!("SELECT COUNT(*) FROM {base}")).await, 120);
+        }
         tenantsync_core::WriteApi::Storage => {
             assert_eq!(listed, 0);
             assert_eq!(count(format!("SELECT COUNT(*) FROM {base}")).await, 100);

@@ -72,6 +72,7 @@ async fn random_interleavings_with_out_of_order_commits_end_with_zero_drift() {
     let vars = [
         ("TENANTSYNC_COMPACT_EVERY_S", "2"),
         ("TENANTSYNC_COMPACT_WINDOW_S", "1"),
+        ("TENANTSYNC_SETTLE_S", "1"),
         ("TENANTSYNC_SLICE_MAX_MS", "2000"),
         ("TENANTSYNC_CLOCK_SKEW_S", "0"),
     ];

@@ -364,6 +364,7 @@ pub(crate) async fn run(writes: Writes) {
         // Merges into `<table>_current` run at every compaction turn, mid-run, and read
         // back the window plus a slice's length (one machine: no clock allowance).
         ("TENANTSYNC_SLICE_MAX_MS", SLICE_MAX_S.to_string() + "000"),
+        ("TENANTSYNC_SETTLE_S", COMPACT_WINDOW_S.to_string()),
         ("TENANTSYNC_CLOCK_SKEW_S", "0".to_string()),
     ]);
     if let Some(g) = &grpc {
@@ -594,6 +595,7 @@ pub(crate) async fn run(writes: Writes) {
     // before the drain is older than that by then.
     let mut cfg = env.worker_config();
     cfg.compact_window = Duration::from_secs(COMPACT_WINDOW_S);
+    cfg.settle_window = Duration::from_secs(COMPACT_WINDOW_S);
     cfg.slice_max_duration = Duration::from_secs(SLICE_MAX_S);
     cfg.clock_skew = Duration::ZERO;
     let wait = Duration::from_secs(COMPACT_WINDOW_S + SLICE_MAX_S + 1)

@@ -37,9 +37,10 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
     // A sync here takes 2-3 s; the window must span one sync comfortably. Versions are
-    // compacted once older than the window plus the slice length and the clock allowance
-    // (merges read back that far): 8 + 1 + 0 s here.
+    // compacted once older than the window and than the merges' read-back (settle window,
+    // slice length, clock allowance): 8 + 1 + 0 s here.
     cfg.compact_window = Duration::from_secs(8);
+    cfg.settle_window = Duration::from_secs(8);
     cfg.slice_max_duration = Duration::from_secs(1);
     cfg.clock_skew = Duration::ZERO;
     cfg.compact_every = Duration::ZERO;
@@ -98,6 +99,7 @@ async fn compaction_keeps_a_newest_version_stored_twice() {
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
     cfg.compact_window = Duration::from_secs(3);
+    cfg.settle_window = Duration::from_secs(3);
     cfg.slice_max_duration = Duration::from_secs(1);
     cfg.clock_skew = Duration::ZERO;
     let worker = env.worker_with(cfg, Arc::new(NoHooks));

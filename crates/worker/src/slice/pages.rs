@@ -281,9 +281,13 @@ impl Worker {
         Ok(Step::Next)
     }
 
-    /// List this batch, and the task's earlier batches never listed, in `_sync_batches` before
-    /// the watermark moves: from then on the views show them. Without the listing the rows
-    /// stay invisible, so it must not be skipped for a commit.
+    /// List this batch in `_sync_batches` before the watermark moves: from then on the views
+    /// show it. Without the listing the rows stay invisible, so it must not be skipped for a
+    /// commit. Earlier batches of the task never listed (a dead or fenced slice's) stay
+    /// invisible: this slice sent their rows again under its own batch (insertIds name the
+    /// batch, so BigQuery does not drop the resend), and listing them now would make rows
+    /// written long ago visible behind the merges' read-back (they were once listed here, and
+    /// a merge point passing them lost them: issue 16's chaos run).
     async fn list_slice_batches(
         &self,
         s: &Slice<'_>,
@@ -293,29 +297,19 @@ impl Worker {
             return Ok(None);
         }
         let (claim, tenant, spec) = (s.claim, s.tenant, s.spec);
-        if s.sink.write_api() == WriteApi::Storage {
-            // Committing the pending stream is all it takes; a listing after it would be a
-            // second step a failure could separate from the first (measured: the fault test
-            // doubled a slice's rows that way; docs/architecture.md, "Write methods").
-            let def = table_def(spec, &p.plan);
-            self.list_batches(
-                s.sink,
-                tenant,
-                &def,
-                std::slice::from_ref(&s.batch_id),
-                (p.acked - p.dead) as i64,
-            )
-            .await?;
-            return Ok(Some(claim.fencing_token));
-        }
-        let tokens = (claim.batches_visible_through + 1).max(claim.fencing_token - 999)
-            ..=claim.fencing_token;
-        let ids: Vec<String> = tokens
-            .map(|t| format!("{}-{}-{t}", tenant.id, spec.id))
-            .collect();
+        // Storage Write: the sink commits the pending stream here; that is all it takes, a
+        // listing after it would be a second step a failure could separate from the first
+        // (measured: the fault test doubled a slice's rows that way; docs/architecture.md,
+        // "Write methods").
         let def = table_def(spec, &p.plan);
-        self.list_batches(s.sink, tenant, &def, &ids, (p.acked - p.dead) as i64)
-            .await?;
+        self.list_batches(
+            s.sink,
+            tenant,
+            &def,
+            std::slice::from_ref(&s.batch_id),
+            (p.acked - p.dead) as i64,
+        )
+        .await?;
         Ok(Some(claim.fencing_token))
     }
 
@@ -336,7 +330,7 @@ impl Worker {
         }
         Err(WorkerError::BigQuery(BqError::Transient(format!(
             "the slice's rows became visible {:.0} s after they were written, more than the \
-             {} s a merge reads back (compaction window plus slice length); they are sent again",
+             {} s a merge reads back (settle window plus slice length); they are sent again",
             took_us as f64 / 1e6,
             limit.as_secs()
         ))))

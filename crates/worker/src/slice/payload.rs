@@ -118,7 +118,13 @@ pub(super) fn payload_from(
         json.pop();
     }
     json.reserve(100 + 2 * id.len() + synced_at.len() + batch_id.len());
-    json.insert_str(0, &["{\"insertId\":\"", &id, "\",\"json\":"].concat());
+    // The insertId names the batch too: BigQuery drops a repeated request of this slice, but
+    // not the next slice's resend of a row a dead slice already wrote. That resend must land:
+    // the dead slice's batch is never listed, so its copy never shows.
+    json.insert_str(
+        0,
+        &["{\"insertId\":\"", &id, "-", batch_id, "\",\"json\":"].concat(),
+    );
     json.push_str(",\"_synced_at\":\"");
     json.push_str(synced_at);
     json.push_str("\",\"_batch_id\":\"");
@@ -160,8 +166,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         assert_eq!(v["json"]["name"], "a}b");
         assert_eq!(v["json"]["_batch_id"], "1-2-3");
-        assert_eq!(v["insertId"], v["json"]["_version_id"]);
-        assert_eq!(v["insertId"].as_str().unwrap().len(), 32);
+        assert_eq!(
+            v["insertId"].as_str().unwrap(),
+            format!(
+                "{}-{}",
+                v["json"]["_version_id"].as_str().unwrap(),
+                v["json"]["_batch_id"].as_str().unwrap()
+            )
+        );
+        assert_eq!(v["json"]["_version_id"].as_str().unwrap().len(), 32);
         assert!(v["json"].get("_CHANGE_TYPE").is_none());
     }
 
@@ -253,8 +266,9 @@ mod tests {
                 assert_eq!(v["json"][k], want["json"][k], "{k} (cdc {cdc})");
             }
             assert_eq!(v["json"]["id"], "7");
+            // A message read back as JSON (for insertAll) uses its version id as insertId.
             assert_eq!(v["insertId"], v["json"]["_version_id"]);
-            assert_eq!(v["insertId"].as_str().unwrap().len(), 32);
+            assert_eq!(v["json"]["_version_id"].as_str().unwrap().len(), 32);
         }
         // Without a layout (the plan had none) the row goes as JSON.
         let mut r = row("insert", "2024-01-01T00:00:00Z", None);

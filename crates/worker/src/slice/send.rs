@@ -9,6 +9,7 @@ use super::schema::force_schema;
 use super::{CrashPoint, Hooks};
 use crate::retry::{backoff, retry_bq};
 use crate::{Worker, WorkerError};
+use chrono::{DateTime, SecondsFormat, Utc};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tenantsync_bigquery::{BqError, InsertOutcome, Retry, RowError, Sink, TableDef};
@@ -360,7 +361,9 @@ impl SendControl for Worker {
 }
 
 impl Worker {
-    /// Send a dead letter's stored row again (same insertId). Err when BigQuery refuses it.
+    /// Send a dead letter's stored row again, as a batch of its own, synced now and listed.
+    /// Err when BigQuery refuses it. Its original `_synced_at` is older than what the views
+    /// and merges read back, so resent as it was it would never show.
     pub async fn resend_dead_letter(&self, d: &DeadLetter) -> Result<(), WorkerError> {
         if d.payload.is_empty() {
             // Reported, never built (see `report_unsyncable`): there is nothing to send.
@@ -372,19 +375,67 @@ impl Worker {
         let tenant = self.deps.control.tenant_by_id(d.tenant_id).await?;
         let spec = self.deps.control.table(d.table_id).await?;
         let client = self.client(&tenant).await?;
+        let batch_id = format!("{}-{}-dl{}", tenant.id, spec.id, d.id);
+        let row = restamp(&d.payload, &batch_id, Utc::now())?;
+        let table = spec.bq_table();
         let out = client
-            .append(
-                &spec.bq_table(),
-                "dead-letter",
-                &[&Payload::Json(d.payload.clone())],
-            )
+            .append(&table, &batch_id, &[&Payload::Json(row)])
             .await?;
-        match out.row_errors.first() {
+        if let Some(e) = out.row_errors.first() {
+            return Err(WorkerError::BigQuery(BqError::Invalid(format!(
+                "{}: {}",
+                e.reason, e.message
+            ))));
+        }
+        let listed = client.list_batches(&table, &[batch_id], 1).await?;
+        match listed.row_errors.first() {
             None => Ok(()),
             Some(e) => Err(WorkerError::BigQuery(BqError::Invalid(format!(
-                "{}: {}",
+                "listing the resent row's batch: {}: {}",
                 e.reason, e.message
             )))),
         }
+    }
+}
+
+/// A stored insertAll row as a new batch's: `_batch_id` and `_synced_at` replaced, and the
+/// insertId naming the batch (as a slice's rows do).
+fn restamp(payload: &str, batch_id: &str, now: DateTime<Utc>) -> Result<String, WorkerError> {
+    let bad = |e: String| WorkerError::BigQuery(BqError::Invalid(e));
+    let mut v: serde_json::Value =
+        serde_json::from_str(payload).map_err(|e| bad(format!("stored row is not JSON: {e}")))?;
+    let row = v["json"]
+        .as_object_mut()
+        .ok_or_else(|| bad("stored row has no json object".into()))?;
+    let version = row
+        .get("_version_id")
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_string();
+    row.insert("_batch_id".into(), batch_id.into());
+    row.insert(
+        "_synced_at".into(),
+        now.to_rfc3339_opts(SecondsFormat::Micros, true).into(),
+    );
+    v["insertId"] = format!("{version}-{batch_id}").into();
+    Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod restamp_tests {
+    use super::*;
+
+    #[test]
+    fn a_resent_row_is_a_new_batch_synced_now() {
+        let stored = r#"{"insertId":"abc-1-2-3","json":{"id":"7","_synced_at":"2020-01-01T00:00:00.000000Z","_batch_id":"1-2-3","_version_id":"abc"}}"#;
+        let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&restamp(stored, "1-2-dl9", now).unwrap()).unwrap();
+        assert_eq!(v["insertId"], "abc-1-2-dl9");
+        assert_eq!(v["json"]["_batch_id"], "1-2-dl9");
+        assert_eq!(v["json"]["_synced_at"], "2023-11-14T22:13:20.000000Z");
+        assert_eq!(v["json"]["_version_id"], "abc");
+        assert_eq!(v["json"]["id"], "7");
+        assert!(restamp("not json", "b", now).is_err());
     }
 }
