@@ -186,19 +186,6 @@ pub fn compact_sql(
     )
 }
 
-/// Latest mode: forget the listings of a table's batches committed before `settled` (a merge
-/// point's [`read_from`]). Neither the view nor the next merge reads versions that old, and
-/// compaction keeps what `<table>_current` names, so `_sync_batches` holds a settle window's
-/// slices instead of one row per slice forever. History-mode tables keep their listings:
-/// readers of every version need them to tell committed batches from abandoned ones.
-pub fn prune_batches_sql(client: &BigQuery, table: &str, settled: DateTime<Utc>) -> String {
-    format!(
-        "DELETE FROM {b} WHERE table_name = '{table}' AND committed_at < {settled}",
-        b = client.qualified(BATCHES_TABLE),
-        settled = ts_literal(settled),
-    )
-}
-
 /// Types BigQuery clusters by.
 fn clusterable(t: BqType) -> bool {
     !matches!(

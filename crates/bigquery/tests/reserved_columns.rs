@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 use tenantsync_bigquery::schema::{
-    compact_sql, current_merge_sql, final_fields, latest_view_sql, merge_sql, prune_batches_sql,
+    compact_sql, current_merge_sql, final_fields, latest_view_sql, merge_sql,
 };
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
@@ -50,7 +50,6 @@ async fn every_column_the_sql_introduces_is_reserved() {
         latest_view_sql(&client, "t", &keys, &cols, Some(now)),
         current_merge_sql(&client, "t", &keys, &cols, Some(now)),
         compact_sql(&client, "t", 60, now),
-        prune_batches_sql(&client, "t", now),
         merge_sql(&client, "t", &keys, &source),
     ]
     .join("\n");

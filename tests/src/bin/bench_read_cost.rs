@@ -17,7 +17,7 @@
 //! Rounds are replayed in the past, one every `BENCH_ROUND_EVERY_S` (3600), each written as
 //! `BENCH_SLICES_PER_ROUND` (100) slices of `BENCH_KEYS` (1000) keys in all, into a latest and
 //! a history table at once; after each round a merge into `<t>_current` at half the round
-//! interval later, then (latest) compaction and the pruning of listings, with the SQL and
+//! interval later, then (latest) compaction, with the SQL and
 //! settings of a worker at its defaults (compaction window 3 h, settle window 5 min, slices
 //! up to 20 s, clocks 60 s apart).
 //! `_latest` is checked against the expected rows after every measured round. 100 rounds of
@@ -28,8 +28,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tenantsync_bigquery::schema::{
-    compact_sql, current_table, merge_current_at, prune_batches_sql, read_from, visible_within,
-    BATCHES_TABLE,
+    compact_sql, current_table, merge_current_at, read_from, visible_within, BATCHES_TABLE,
 };
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint, Sink, TableDef};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
@@ -235,7 +234,7 @@ async fn main() -> Result<()> {
          by SELECT * FROM <t>_latest",
         p.keys, p.rounds, p.every, p.slices
     );
-    println!("| table | after round | before | now | the merge read | listings kept |");
+    println!("| table | after round | before | now | the merge read | listings stored |");
     println!("|---|---|---|---|---|---|");
     for r in 1..=p.rounds {
         let at = base + chrono::Duration::seconds(r * p.every);
@@ -249,7 +248,6 @@ async fn main() -> Result<()> {
         let settled = read_from(point, back);
         bq.query(&compact_sql(&bq, LATEST, WINDOW.as_secs(), settled))
             .await?;
-        bq.query(&prune_batches_sql(&bq, LATEST, settled)).await?;
         if [1, 10, p.rounds].contains(&r) || r % 25 == 0 {
             for (table, since) in [LATEST, HISTORY].into_iter().zip(merges) {
                 check_latest(&bq, table, &p, r).await?;
