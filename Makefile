@@ -28,8 +28,9 @@ test: build
 ## idle scale (coordinator tick at 10,000 tenants × 10 tables), throughput (one worker vs a
 ## psycopg + google-cloud-bigquery reference, against a zero-cost insertAll sink), freshness
 ## (lag at 1,000 tenants × 4 tables, 1,000 rows/s), and write methods (insertAll vs the Storage
-## Write API, back to back against zero-cost HTTP and gRPC sinks). The reference's venv:
-## scripts/bench-env.
+## Write API, back to back against zero-cost HTTP and gRPC sinks), and read cost (rows a
+## `<t>_latest` read reads after 1, 10 and 100 rounds of updates, on the local BigQuery).
+## The reference's venv: scripts/bench-env.
 bench:
 	scripts/dev-env test
 	scripts/bench-env
@@ -38,6 +39,7 @@ bench:
 	set -a && . ./.env.test && set +a && ./target/release/bench_throughput
 	set -a && . ./.env.test && set +a && ./target/release/bench_freshness
 	set -a && . ./.env.test && set +a && ./target/release/bench_write_api
+	set -a && . ./.env.test && set +a && ./target/release/bench_read_cost
 
 lint:
 	cargo fmt --all --check

@@ -12,7 +12,7 @@ use crate::slice::{force_schema, payload, table_def, SendCtx};
 use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::HashMap;
-use tenantsync_bigquery::BigQuery;
+use tenantsync_bigquery::{BigQuery, BqError};
 use tenantsync_core::mapping::BqType;
 use tenantsync_core::{chunk, Mode, TableSpec, Tenant};
 use tenantsync_store::control::tasks::TaskId;
@@ -330,6 +330,9 @@ impl Worker {
     }
 
     /// insertAll `rows` in chunks through the slice path (rate limits, retries, dead letters).
+    /// Each part of at most a chunk's rows is a batch of its own, stamped when it is sent and
+    /// listed right after: a long resync must not make rows visible later than merges into
+    /// `<table>_current` read back (see `Worker::visible_within`).
     async fn send_rows(
         &self,
         client: &BigQuery,
@@ -339,8 +342,28 @@ impl Worker {
         rows: Vec<SourceRow>,
         nonce: &str,
     ) -> Result<usize, WorkerError> {
-        let batch_id = format!("{}-{}-resync-{nonce}", tenant.id, spec.id);
-        let synced_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let part_rows = self.cfg.chunk_limits.max_rows.max(1);
+        let mut sent = 0;
+        for (i, part) in rows.chunks(part_rows).enumerate() {
+            sent += self
+                .send_part(client, tenant, spec, plan, part, &format!("{nonce}-{i}"))
+                .await?;
+        }
+        Ok(sent)
+    }
+
+    async fn send_part(
+        &self,
+        client: &BigQuery,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        plan: &SlicePlan,
+        rows: &[SourceRow],
+        part: &str,
+    ) -> Result<usize, WorkerError> {
+        let batch_id = format!("{}-{}-resync-{part}", tenant.id, spec.id);
+        let started = Utc::now();
+        let synced_at = started.to_rfc3339_opts(SecondsFormat::Micros, true);
         let payloads: Vec<tenantsync_core::Payload> = rows
             .iter()
             .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at).into())
@@ -359,7 +382,7 @@ impl Worker {
                 tenant_id: tenant.id,
                 table_id: spec.id,
             },
-            rows: &rows,
+            rows,
             payloads: &payloads,
             policy: self.cfg.retry_policy(),
             lost: &never,
@@ -372,9 +395,16 @@ impl Worker {
             let dead = cx.send_chunk(&items).await?;
             sent += items.len() - dead;
         }
-        // Resent rows are a batch of their own, visible once listed.
         self.list_batches(client, tenant, &def, &[batch_id], sent as i64)
             .await?;
+        let took = (Utc::now() - started).to_std().unwrap_or_default();
+        if took > self.visible_within() {
+            return Err(WorkerError::BigQuery(BqError::Transient(format!(
+                "resent rows became visible {} s after they were written, more than merges read \
+                 back; run resync again",
+                took.as_secs()
+            ))));
+        }
         Ok(sent)
     }
 }
