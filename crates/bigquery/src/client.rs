@@ -3,8 +3,8 @@
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
 use crate::schema::{
-    batches_fields, batches_layout, final_fields, latest_view_sql, sync_current, sync_fields,
-    sync_fields_with, table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
+    batches_fields, batches_layout, final_fields, full_view_sql, sync_fields, sync_fields_with,
+    table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
 };
 use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
@@ -528,13 +528,11 @@ impl Sink for BigQuery {
             )
             .await?;
         } else {
-            // The view reads `<table>_current`, which follows the versions table's columns.
-            // Without a merge point at hand it reads every version too, which is correct; the
-            // next merge narrows it again.
-            let (cols, _) = sync_current(self, def.table, def.keys).await?;
+            // Every version until the next merge into `<table>_current` (which also brings
+            // that table's columns along) narrows it again.
             self.put_view(
                 &format!("{}_latest", def.table),
-                &latest_view_sql(self, def.table, def.keys, &cols, None),
+                &full_view_sql(self, def.table, def.keys),
             )
             .await?;
         }

@@ -122,6 +122,21 @@ pub fn latest_view_sql(
     )
 }
 
+/// `<table>_latest` before a table's first merge (and after a schema change, until the next
+/// one): the newest committed version per key among all versions. Always correct, since
+/// compaction keeps every key's current version and listings are kept, but it reads the whole
+/// table; the first merge creates `<table>_current` and narrows the view. Keeping
+/// `<table>_current` out of table creation keeps a new tenant's first slices as cheap as
+/// before (one table creation, not two).
+pub fn full_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
+    format!(
+        "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
+         ORDER BY {NEWEST_FIRST}) AS _rn FROM {all}) WHERE _rn = 1 AND _op != 'delete'",
+        keys = quoted(keys),
+        all = committed(client, table, None),
+    )
+}
+
 /// Bring `<table>_current` up to a merge point: per key, the newest committed version synced
 /// since `since` (the previous point's [`read_from`]; every version the first time) replaces
 /// the stored row if it is newer in the views' order. Deletes stay as rows (`_op = 'delete'`):

@@ -29,7 +29,8 @@ pub(crate) async fn force_schema<S: Sink>(sink: &S, def: &TableDef<'_>) -> Resul
 }
 
 /// Version of the view SQL (`tenantsync_bigquery::schema`): 2 shows Storage Write batches
-/// without a listing; 3 reads `<table>_current` (created then) and recent versions.
+/// without a listing; 3 reads committed listings of its own table (merges then point it at
+/// `<table>_current`).
 const VIEWS_VERSION: &str = "views3";
 
 impl Worker {
