@@ -36,11 +36,12 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
         .unwrap();
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
-    // A sync here takes 2-3 s; the window must span one sync comfortably. Versions are
-    // compacted once older than the window and than the merges' read-back (settle window,
-    // slice length, clock allowance): 8 + 1 + 0 s here.
-    cfg.compact_window = Duration::from_secs(8);
-    cfg.settle_window = Duration::from_secs(8);
+    // A sync here takes 2-3 s, more on a busy machine (each one also merges into
+    // `cur_current`); the window must span two syncs comfortably (v3 must still be young when
+    // v4's sync compacts). Versions are compacted once older than the window and than the
+    // merges' read-back (settle window, slice length, clock allowance): 20 + 1 + 0 s here.
+    cfg.compact_window = Duration::from_secs(20);
+    cfg.settle_window = Duration::from_secs(20);
     cfg.slice_max_duration = Duration::from_secs(1);
     cfg.clock_skew = Duration::ZERO;
     cfg.compact_every = Duration::ZERO;
@@ -58,10 +59,10 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
 
     env.sync_once(&worker).await.unwrap(); // v1 of 10 rows; the first turn starts the clock
     update("1,2,3,4,5,6,7,8,9,10").await;
-    env.sync_once(&worker).await.unwrap(); // v2: compaction runs, v1 is younger than 8 s
+    env.sync_once(&worker).await.unwrap(); // v2: compaction runs, v1 is younger than 20 s
     assert_eq!(count("cur", "").await, 20, "superseded but young: kept");
 
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(22)).await;
     update("1,2,3,4,5").await;
     env.sync_once(&worker).await.unwrap(); // v3 of 5 rows: v1 and v2 of those are old now
     update("1").await;
