@@ -256,25 +256,24 @@ impl BigQuery {
         }
     }
 
-    /// The table's schema, or None when it does not exist.
-    pub async fn table_schema(&self, table: &str) -> Result<Option<Vec<Value>>, BqError> {
-        match self
-            .call(
-                Method::GET,
-                &format!("{}/tables/{table}", self.ds_path()),
-                None,
-            )
-            .await
-        {
-            Ok(v) => Ok(Some(
-                v["schema"]["fields"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default(),
-            )),
+    /// The table's resource, or None when it does not exist.
+    async fn table_resource(&self, table: &str) -> Result<Option<Value>, BqError> {
+        let path = format!("{}/tables/{table}", self.ds_path());
+        match self.call(Method::GET, &path, None).await {
+            Ok(v) => Ok(Some(v)),
             Err(BqError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The table's schema, or None when it does not exist.
+    pub async fn table_schema(&self, table: &str) -> Result<Option<Vec<Value>>, BqError> {
+        Ok(self.table_resource(table).await?.map(|v| {
+            v["schema"]["fields"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        }))
     }
 
     /// Create a table. Returns false when it exists already.
@@ -313,7 +312,12 @@ impl BigQuery {
 
     /// Replace the schema with `fields` (which must keep every existing field).
     pub async fn patch_schema(&self, table: &str, fields: &[Value]) -> Result<(), BqError> {
-        let body = json!({"schema": {"fields": fields}});
+        self.patch_table(table, json!({"schema": {"fields": fields}}))
+            .await
+    }
+
+    /// PATCH the members of `body` into the table's resource.
+    async fn patch_table(&self, table: &str, body: Value) -> Result<(), BqError> {
         self.call(
             Method::PATCH,
             &format!("{}/tables/{table}", self.ds_path()),
@@ -328,30 +332,16 @@ impl BigQuery {
         &self,
         table: &str,
     ) -> Result<Option<serde_json::Map<String, Value>>, BqError> {
-        match self
-            .call(
-                Method::GET,
-                &format!("{}/tables/{table}", self.ds_path()),
-                None,
-            )
-            .await
-        {
-            Ok(v) => Ok(Some(v["labels"].as_object().cloned().unwrap_or_default())),
-            Err(BqError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self
+            .table_resource(table)
+            .await?
+            .map(|v| v["labels"].as_object().cloned().unwrap_or_default()))
     }
 
     /// Set one label of a table (the others stay).
     pub async fn set_label(&self, table: &str, key: &str, value: &str) -> Result<(), BqError> {
-        let body = json!({"labels": {key: value}});
-        self.call(
-            Method::PATCH,
-            &format!("{}/tables/{table}", self.ds_path()),
-            Some(body.to_string().into_bytes()),
-        )
-        .await
-        .map(|_| ())
+        self.patch_table(table, json!({"labels": {key: value}}))
+            .await
     }
 
     /// Create a view, or replace its query when it exists.

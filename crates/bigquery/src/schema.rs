@@ -98,6 +98,15 @@ fn quoted(cols: &[String]) -> String {
 /// cursor value) broken by sync time, then id, so the choice is deterministic.
 const NEWEST_FIRST: &str = "_source_ts DESC, _synced_at DESC, _version_id DESC";
 
+/// The newest row per key of `from` (a table or subquery), in [`NEWEST_FIRST`] order.
+fn newest_per_key(keys: &[String], from: &str) -> String {
+    format!(
+        "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
+         ORDER BY {NEWEST_FIRST}) AS _rn FROM {from}) WHERE _rn = 1",
+        keys = quoted(keys),
+    )
+}
+
 /// `<table>_latest`: one row per key, the newest committed version, deletes removed. It reads
 /// `<table>_current` (each key's newest version as of the last merge point) and the committed
 /// versions synced since `since` (the point's [`read_from`]); without a point, every version.
@@ -111,15 +120,12 @@ pub fn latest_view_sql(
     since: Option<DateTime<Utc>>,
 ) -> String {
     let list = quoted(cols);
-    format!(
-        "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
-         ORDER BY {NEWEST_FIRST}) AS _rn FROM (SELECT {list} FROM {current} \
-         UNION ALL SELECT {list} FROM {recent})) \
-         WHERE _rn = 1 AND _op != 'delete'",
-        keys = quoted(keys),
+    let both = format!(
+        "(SELECT {list} FROM {current} UNION ALL SELECT {list} FROM {recent})",
         current = client.qualified(&current_table(table)),
         recent = committed(client, table, since),
-    )
+    );
+    format!("{} AND _op != 'delete'", newest_per_key(keys, &both))
 }
 
 /// `<table>_latest` before a table's first merge (and after a schema change, until the next
@@ -129,12 +135,8 @@ pub fn latest_view_sql(
 /// `<table>_current` out of table creation keeps a new tenant's first slices as cheap as
 /// before (one table creation, not two).
 pub fn full_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
-    format!(
-        "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
-         ORDER BY {NEWEST_FIRST}) AS _rn FROM {all}) WHERE _rn = 1 AND _op != 'delete'",
-        keys = quoted(keys),
-        all = committed(client, table, None),
-    )
+    let all = committed(client, table, None);
+    format!("{} AND _op != 'delete'", newest_per_key(keys, &all))
 }
 
 /// Bring `<table>_current` up to a merge point: per key, the newest committed version synced
@@ -155,18 +157,15 @@ pub fn current_merge_sql(
     let set: Vec<String> = cols.iter().map(|c| format!("`{c}` = S.`{c}`")).collect();
     let values: Vec<String> = cols.iter().map(|c| format!("S.`{c}`")).collect();
     format!(
-        "MERGE {current} C USING (\
-           SELECT * EXCEPT(_rn) FROM (SELECT {list}, ROW_NUMBER() OVER (PARTITION BY {key_list} \
-             ORDER BY {NEWEST_FIRST}) AS _rn FROM {recent}) WHERE _rn = 1) S \
+        "MERGE {current} C USING ({newest}) S \
          ON {on} \
          WHEN MATCHED AND (S._source_ts > C._source_ts OR (S._source_ts = C._source_ts AND \
            (S._synced_at > C._synced_at OR (S._synced_at = C._synced_at AND \
             S._version_id > C._version_id)))) THEN UPDATE SET {set} \
          WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({values})",
         current = client.qualified(&current_table(table)),
+        newest = newest_per_key(keys, &committed(client, table, since)),
         list = quoted(cols),
-        key_list = quoted(keys),
-        recent = committed(client, table, since),
         on = on.join(" AND "),
         set = set.join(", "),
         values = values.join(", "),
@@ -383,7 +382,7 @@ pub fn final_fields(source: &[BqField]) -> Vec<BqField> {
 pub fn merge_sql(client: &BigQuery, table: &str, keys: &[String], source: &[BqField]) -> String {
     let q = |c: &str| format!("`{c}`");
     let key_list = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
-    let order = "_source_ts DESC, _synced_at DESC, _version_id DESC";
+    let order = NEWEST_FIRST;
     let values: Vec<&BqField> = source.iter().filter(|f| !keys.contains(&f.name)).collect();
     let firsts: Vec<String> = values
         .iter()

@@ -110,6 +110,30 @@ impl Worker {
         visible_within(self.cfg.settle_window, self.cfg.slice_max_duration)
     }
 
+    /// Err when rows written (`_synced_at`) at `written_us` became visible only now, later than
+    /// [`Self::visible_within`]: merges may already have passed them. `what` names the rows,
+    /// `then` what happens to them.
+    pub(crate) fn visible_in_time(
+        &self,
+        written_us: i64,
+        what: &str,
+        then: &str,
+    ) -> Result<(), WorkerError> {
+        let took_us = chrono::Utc::now().timestamp_micros() - written_us;
+        let limit = self.visible_within();
+        if took_us <= limit.as_micros() as i64 {
+            return Ok(());
+        }
+        Err(WorkerError::BigQuery(
+            tenantsync_bigquery::BqError::Transient(format!(
+            "{what} became visible {:.0} s after they were written, more than the {} s a merge \
+             reads back (settle window plus slice length); {then}",
+            took_us as f64 / 1e6,
+            limit.as_secs()
+        )),
+        ))
+    }
+
     /// How far before a merge point versions are still read: [`Self::visible_within`] plus
     /// the allowance for workers' clocks.
     pub fn read_back(&self) -> std::time::Duration {

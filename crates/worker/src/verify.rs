@@ -12,7 +12,7 @@ use crate::slice::{force_schema, payload, table_def, SendCtx};
 use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::HashMap;
-use tenantsync_bigquery::{BigQuery, BqError};
+use tenantsync_bigquery::BigQuery;
 use tenantsync_core::mapping::BqType;
 use tenantsync_core::{chunk, Mode, TableSpec, Tenant};
 use tenantsync_store::control::tasks::TaskId;
@@ -397,14 +397,11 @@ impl Worker {
         }
         self.list_batches(client, tenant, &def, &[batch_id], sent as i64)
             .await?;
-        let took = (Utc::now() - started).to_std().unwrap_or_default();
-        if took > self.visible_within() {
-            return Err(WorkerError::BigQuery(BqError::Transient(format!(
-                "resent rows became visible {} s after they were written, more than merges read \
-                 back; run resync again",
-                took.as_secs()
-            ))));
-        }
+        self.visible_in_time(
+            started.timestamp_micros(),
+            "resent rows",
+            "run resync again",
+        )?;
         Ok(sent)
     }
 }

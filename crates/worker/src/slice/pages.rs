@@ -10,7 +10,7 @@ use crate::{Worker, WorkerError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tenantsync_bigquery::{BqError, Sink, WriteSink};
+use tenantsync_bigquery::{Sink, WriteSink};
 use tenantsync_core::{Mode, Payload, TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
@@ -323,17 +323,7 @@ impl Worker {
         if p.acked == 0 || !matches!(s.spec.mode, Mode::Latest | Mode::History) {
             return Ok(());
         }
-        let took_us = Utc::now().timestamp_micros() - s.synced_at_us;
-        let limit = self.visible_within();
-        if took_us <= limit.as_micros() as i64 {
-            return Ok(());
-        }
-        Err(WorkerError::BigQuery(BqError::Transient(format!(
-            "the slice's rows became visible {:.0} s after they were written, more than the \
-             {} s a merge reads back (settle window plus slice length); they are sent again",
-            took_us as f64 / 1e6,
-            limit.as_secs()
-        ))))
+        self.visible_in_time(s.synced_at_us, "the slice's rows", "they are sent again")
     }
 
     /// What the commit records: the watermark just past the last handled row, how far the
