@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod final_merge;
 pub mod schema;
 pub mod sink;
 pub mod storage;

@@ -50,7 +50,7 @@ pub fn read_from(point: DateTime<Utc>, back: Duration) -> DateTime<Utc> {
     point - chrono::Duration::from_std(back).unwrap_or(chrono::Duration::MAX)
 }
 
-fn ts_literal(t: DateTime<Utc>) -> String {
+pub(crate) fn ts_literal(t: DateTime<Utc>) -> String {
     format!(
         "TIMESTAMP('{}')",
         t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -66,13 +66,26 @@ fn ts_literal(t: DateTime<Utc>) -> String {
 /// Only the table's own listings are read (`_sync_batches` is clustered by table), and with
 /// `since` only those committed from then on: a batch is listed after its rows are written.
 fn committed(client: &BigQuery, table: &str, since: Option<DateTime<Utc>>) -> String {
-    let (recent, listed) = match since {
+    committed_between(client, table, since, None)
+}
+
+/// [`committed`], and with `until` only the versions synced before then.
+pub fn committed_between(
+    client: &BigQuery,
+    table: &str,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> String {
+    let (mut recent, listed) = match since {
         Some(t) => (
             format!("_synced_at >= {} AND ", ts_literal(t)),
             format!(" AND committed_at >= {}", ts_literal(t)),
         ),
         None => Default::default(),
     };
+    if let Some(t) = until {
+        recent.push_str(&format!("_synced_at < {} AND ", ts_literal(t)));
+    }
     format!(
         "(SELECT * FROM {} WHERE {recent}(_batch_id IN (SELECT batch_id FROM {} \
          WHERE table_name = '{table}'{listed}) OR _batch_id LIKE '{}%'))",
@@ -87,7 +100,7 @@ pub fn current_table(table: &str) -> String {
     format!("{table}{}", tenantsync_core::names::CURRENT_SUFFIX)
 }
 
-fn quoted(cols: &[String]) -> String {
+pub(crate) fn quoted(cols: &[String]) -> String {
     cols.iter()
         .map(|c| format!("`{c}`"))
         .collect::<Vec<_>>()
@@ -96,10 +109,19 @@ fn quoted(cols: &[String]) -> String {
 
 /// The order of a key's versions, newest first: `_source_ts`, ties (two versions with one
 /// cursor value) broken by sync time, then id, so the choice is deterministic.
-const NEWEST_FIRST: &str = "_source_ts DESC, _synced_at DESC, _version_id DESC";
+pub(crate) const NEWEST_FIRST: &str = "_source_ts DESC, _synced_at DESC, _version_id DESC";
+
+/// SQL for "row `a` is newer than row `b`" in [`NEWEST_FIRST`] order (table aliases).
+pub(crate) fn newer(a: &str, b: &str) -> String {
+    format!(
+        "({a}._source_ts > {b}._source_ts OR ({a}._source_ts = {b}._source_ts AND \
+         ({a}._synced_at > {b}._synced_at OR ({a}._synced_at = {b}._synced_at AND \
+          {a}._version_id > {b}._version_id))))"
+    )
+}
 
 /// The newest row per key of `from` (a table or subquery), in [`NEWEST_FIRST`] order.
-fn newest_per_key(keys: &[String], from: &str) -> String {
+pub(crate) fn newest_per_key(keys: &[String], from: &str) -> String {
     format!(
         "SELECT * EXCEPT(_rn) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} \
          ORDER BY {NEWEST_FIRST}) AS _rn FROM {from}) WHERE _rn = 1",
@@ -159,12 +181,11 @@ pub fn current_merge_sql(
     format!(
         "MERGE {current} C USING ({newest}) S \
          ON {on} \
-         WHEN MATCHED AND (S._source_ts > C._source_ts OR (S._source_ts = C._source_ts AND \
-           (S._synced_at > C._synced_at OR (S._synced_at = C._synced_at AND \
-            S._version_id > C._version_id)))) THEN UPDATE SET {set} \
+         WHEN MATCHED AND {newer} THEN UPDATE SET {set} \
          WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({values})",
         current = client.qualified(&current_table(table)),
         newest = newest_per_key(keys, &committed(client, table, since)),
+        newer = newer("S", "C"),
         list = quoted(cols),
         on = on.join(" AND "),
         set = set.join(", "),
@@ -253,10 +274,12 @@ pub fn batches_layout() -> Value {
 /// Make `<table>_current` hold the versions table's columns (created, added or widened like
 /// the versions table itself) and return their names in the versions table's order, and
 /// whether it was created just now (then it holds nothing, whatever merge point was kept).
+/// `extra` columns follow (merge mode's `_reset`).
 pub async fn sync_current(
     client: &BigQuery,
     table: &str,
     keys: &[String],
+    extra: &[BqField],
 ) -> Result<(Vec<String>, bool), BqError> {
     let Some(existing) = client.table_schema(table).await? else {
         return Err(BqError::NotFound(format!("table {table}")));
@@ -283,8 +306,9 @@ pub async fn sync_current(
         })
         .collect::<Result<_, BqError>>()?;
     let layout = current_layout(&fields, keys);
-    let change = sync_fields_with(client, &current_table(table), fields.clone(), &layout).await?;
-    let names = fields.into_iter().map(|f| f.name).collect();
+    let names = fields.iter().map(|f| f.name.clone()).collect();
+    let wanted = fields.into_iter().chain(extra.iter().cloned()).collect();
+    let change = sync_fields_with(client, &current_table(table), wanted, &layout).await?;
     Ok((names, change == SchemaChange::Created))
 }
 
@@ -332,7 +356,7 @@ pub async fn merge_current_at(
     read_back: Duration,
     point: DateTime<Utc>,
 ) -> Result<Merged, BqError> {
-    let (cols, created) = sync_current(client, table, keys).await?;
+    let (cols, created) = sync_current(client, table, keys, &[]).await?;
     let previous = match created {
         true => None,
         false => merge_point(client, table).await?,
@@ -370,72 +394,6 @@ pub fn final_fields(source: &[BqField]) -> Vec<BqField> {
         });
     }
     f
-}
-
-/// Merge mode: rebuild `<table>_final` from the partial versions of committed batches. Per
-/// key, each column takes its newest non-NULL value (FIRST_VALUE … IGNORE NULLS) among the
-/// versions since the key's last insert or delete, so a re-inserted row does not inherit
-/// values from before its delete; the newest version's `_op` decides whether the key exists.
-/// Every key is recomputed from all its versions on each run, so the result does not depend
-/// on which batches earlier runs saw (a batch listed late is merged correctly). A column set
-/// to NULL in an update cannot be told from an unchanged one: it keeps its last value.
-pub fn merge_sql(client: &BigQuery, table: &str, keys: &[String], source: &[BqField]) -> String {
-    let q = |c: &str| format!("`{c}`");
-    let key_list = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
-    let order = NEWEST_FIRST;
-    let values: Vec<&BqField> = source.iter().filter(|f| !keys.contains(&f.name)).collect();
-    let firsts: Vec<String> = values
-        .iter()
-        .map(|f| {
-            format!(
-                "FIRST_VALUE({c} IGNORE NULLS) OVER w AS {c}",
-                c = q(&f.name)
-            )
-        })
-        .collect();
-    let on: Vec<String> = keys
-        .iter()
-        .map(|k| format!("F.{c} = S.{c}", c = q(k)))
-        .collect();
-    let set: Vec<String> = values
-        .iter()
-        .map(|f| format!("{c} = S.{c}", c = q(&f.name)))
-        .chain([
-            "_source_ts = S._source_ts".into(),
-            "_merged_at = CURRENT_TIMESTAMP()".into(),
-        ])
-        .collect();
-    let cols: Vec<String> = source.iter().map(|f| q(&f.name)).collect();
-    let s_cols: Vec<String> = source.iter().map(|f| format!("S.{}", q(&f.name))).collect();
-    let firsts = if firsts.is_empty() {
-        String::new()
-    } else {
-        format!("{}, ", firsts.join(", "))
-    };
-    format!(
-        "MERGE {final_t} F USING (\
-           SELECT * EXCEPT(_rn) FROM (\
-             SELECT {key_list}, {firsts}FIRST_VALUE(_op) OVER w AS _op, \
-                    FIRST_VALUE(_source_ts) OVER w AS _source_ts, \
-                    ROW_NUMBER() OVER (PARTITION BY {key_list} ORDER BY {order}) AS _rn \
-             FROM (SELECT v.*, MAX(IF(_op IN ('insert', 'delete'), _source_ts, NULL)) \
-                          OVER (PARTITION BY {key_list}) AS _reset FROM {committed} v) \
-             WHERE _reset IS NULL OR _source_ts >= _reset \
-             WINDOW w AS (PARTITION BY {key_list} ORDER BY {order} \
-                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) \
-           WHERE _rn = 1) S \
-         ON {on} \
-         WHEN MATCHED AND S._op = 'delete' THEN DELETE \
-         WHEN MATCHED THEN UPDATE SET {set} \
-         WHEN NOT MATCHED AND S._op != 'delete' THEN \
-           INSERT ({cols}, _source_ts, _merged_at) VALUES ({s_cols}, S._source_ts, CURRENT_TIMESTAMP())",
-        final_t = client.qualified(&format!("{table}_final")),
-        committed = committed(client, table, None),
-        on = on.join(" AND "),
-        set = set.join(", "),
-        cols = cols.join(", "),
-        s_cols = s_cols.join(", "),
-    )
 }
 
 /// What `sync_table` did.

@@ -3,9 +3,8 @@
 //! (a source `_rn` once vanished from `<table>_latest` through `SELECT * EXCEPT(_rn)`).
 
 use std::time::Duration;
-use tenantsync_bigquery::schema::{
-    compact_sql, current_merge_sql, final_fields, latest_view_sql, merge_sql,
-};
+use tenantsync_bigquery::final_merge::{final_merge_sql, fold_in_sql, refold_sql};
+use tenantsync_bigquery::schema::{compact_sql, current_merge_sql, final_fields, latest_view_sql};
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
 use tenantsync_core::names::{HELPER_COLUMNS, METADATA_COLUMNS};
@@ -50,7 +49,9 @@ async fn every_column_the_sql_introduces_is_reserved() {
         latest_view_sql(&client, "t", &keys, &cols, Some(now)),
         current_merge_sql(&client, "t", &keys, &cols, Some(now)),
         compact_sql(&client, "t", 60, now),
-        merge_sql(&client, "t", &keys, &source),
+        fold_in_sql(&client, "t", &keys, &cols, Some(now), now),
+        refold_sql(&client, "t", &keys, &cols, None, now),
+        final_merge_sql(&client, "t", &keys, &["v".to_string()], Some(now), now),
     ]
     .join("\n");
     let found = introduced(&sql);

@@ -237,10 +237,17 @@ impl<'a> TableNames<'a> {
             name: bq.clone(),
         }];
         match self.mode {
-            Mode::Merge => out.push(Derived {
-                kind: Kind::BqFinalTable,
-                name: format!("{bq}{FINAL_SUFFIX}"),
-            }),
+            // `<t>_current` holds merge mode's folded state (tenantsync_bigquery::final_merge).
+            Mode::Merge => out.extend([
+                Derived {
+                    kind: Kind::BqFinalTable,
+                    name: format!("{bq}{FINAL_SUFFIX}"),
+                },
+                Derived {
+                    kind: Kind::BqCurrentTable,
+                    name: format!("{bq}{CURRENT_SUFFIX}"),
+                },
+            ]),
             Mode::Latest | Mode::History => out.extend([
                 Derived {
                     kind: Kind::BqLatestView,
@@ -510,8 +517,10 @@ mod tests {
         assert!(e.contains("BigQuery merge table"), "{e}");
         let e = refusal(t("public", "notes_current"), &[t("public", "notes")]);
         assert!(e.contains("BigQuery current-state table"), "{e}");
-        // Latest mode has no `_final`, merge mode no `_latest` or `_current`.
-        assert!(check_new_table(&t("public", "p_current"), &[merge]).is_ok());
+        // Merge mode keeps its folded state in `_current` too.
+        let e = refusal(t("public", "p_current"), &[merge]);
+        assert!(e.contains("BigQuery current-state table"), "{e}");
+        // Latest mode has no `_final`, merge mode no `_latest`.
 
         assert!(check_new_table(&t("public", "q_final"), &[t("public", "q")]).is_ok());
         assert!(check_new_table(&t("public", "p_latest"), &[merge]).is_ok());

@@ -2,14 +2,13 @@
 //! visible versions into `<table>_current`, which keeps what `<table>_latest` reads bounded
 //! by the live rows; latest mode then compacts (superseded versions older than the window
 //! are deleted, so a table that is updated often does not grow without bound) and forgets old
-//! `_sync_batches` listings. Merge mode: the MERGE that rebuilds `<table>_final` from partial
-//! versions. Every mode: rows that can never be sent (cursor NULL or infinite) are reported
+//! `_sync_batches` listings. Merge mode: the merge of partial versions into `<table>_current`
+//! and `<table>_final`. Every mode: rows that can never be sent (cursor NULL or infinite) are reported
 //! as dead letters.
 
 use crate::{Worker, WorkerError};
-use tenantsync_bigquery::schema::{
-    compact_sql, merge_current, merge_sql, read_from, visible_within, Merged,
-};
+use tenantsync_bigquery::final_merge::{merge_final_at, FinalMerged};
+use tenantsync_bigquery::schema::{compact_sql, merge_current, read_from, visible_within, Merged};
 use tenantsync_core::{Mode, TableSpec, Tenant};
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::TaskId;
@@ -22,7 +21,7 @@ impl Worker {
     pub(crate) async fn periodic_now(&self, tenant: &Tenant, spec: &TableSpec) {
         self.report_unsyncable(tenant, spec).await;
         let done = match spec.mode {
-            Mode::Merge => self.merge(tenant, spec).await,
+            Mode::Merge => self.merge(tenant, spec).await.map(|_| ()),
             Mode::Latest => self.compact(tenant, spec).await,
             // History keeps every version, but its view reads `<table>_current` too.
             Mode::History => self.merge_current(tenant, spec).await.map(|_| ()),
@@ -91,17 +90,25 @@ impl Worker {
         Ok(())
     }
 
-    /// Merge mode: rebuild `<table>_final` (one full row per key) from the committed partial
-    /// versions. Every key is recomputed (see `merge_sql`): the cost grows with the table, which
-    /// is why it runs every `merge_every`, not after every slice.
-    pub async fn merge(&self, tenant: &Tenant, spec: &TableSpec) -> Result<(), WorkerError> {
-        let plan = self.plan(spec).await?;
+    /// Merge mode: fold the versions synced since the last cutoff into `<table>_current` and
+    /// bring `<table>_final` to now (see [`tenantsync_bigquery::final_merge`]): the versions
+    /// read are those synced since the last cutoff, not the table's history.
+    pub async fn merge(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+    ) -> Result<FinalMerged, WorkerError> {
         let client = self.client(tenant).await?;
-        let sql = merge_sql(&client, &plan.table, &spec.key_columns, &plan.fields);
-        self.retry_bq("merge", tenant, || async { Ok(client.query(&sql).await?) })
+        let table = spec.bq_table();
+        let back = self.read_back();
+        let merged = self
+            .retry_bq("merge", tenant, || async {
+                let now = chrono::Utc::now();
+                Ok(merge_final_at(&client, &table, &spec.key_columns, back, now).await?)
+            })
             .await?;
-        info!(tenant = %tenant.slug, table = %spec.source_table, "merged partial versions into _final");
-        Ok(())
+        info!(tenant = %tenant.slug, table = %spec.source_table, cutoff = %merged.cutoff, read_since = ?merged.read_since, refolded = merged.refolded, "merged partial versions into _final");
+        Ok(merged)
     }
 
     /// How long after `_synced_at` a batch may still become visible (see

@@ -69,8 +69,8 @@ pub struct WorkerConfig {
     pub clock_skew: Duration,
     /// A task's table is compacted at most this often, after a caught-up slice.
     pub compact_every: Duration,
-    /// Merge mode: `<table>_final` is rebuilt at most this often per task, after a caught-up
-    /// slice (the MERGE reads every version of the table, so not after every slice).
+    /// Merge mode: `<table>_final` is merged at most this often per task, after a caught-up
+    /// slice (each merge is a few queries; it reads the versions since its last cutoff).
     pub merge_every: Duration,
     /// A slice is read and sent this many rows at a time (and the next page read meanwhile):
     /// memory is about concurrency × 2 pages × row size (32 tenants backfilling at once at the
