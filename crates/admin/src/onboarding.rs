@@ -138,6 +138,51 @@ impl Admin {
         Ok(spec)
     }
 
+    /// Exclude columns of a registered table from BigQuery (`exclude`) or let excluded ones
+    /// back in (`include`). Workers drop newly excluded columns from every tenant's table,
+    /// `<t>_current` and `<t>_final` at the table's next slice, and open dead letters lose the
+    /// values now. A column let back in is added again; rows synced while it was excluded
+    /// have it NULL until they change or the table is resynced.
+    pub async fn update_exclusions(
+        &self,
+        actor: &str,
+        table: &str,
+        exclude: &[String],
+        include: &[String],
+    ) -> Result<TableSpec> {
+        let (schema, name) = split_table(table);
+        let mut spec = self.control.table_by_name(&schema, &name).await?;
+        let before = spec.exclude_columns.clone();
+        let mut after: Vec<String> = before
+            .iter()
+            .filter(|c| !include.contains(c))
+            .cloned()
+            .collect();
+        for c in exclude {
+            if !after.contains(c) {
+                after.push(c.clone());
+            }
+        }
+        spec.exclude_columns = after;
+        onboard::check_exclusions(self.source()?, &spec, &before).await?;
+        let scrubbed = self
+            .control
+            .set_exclude_columns(spec.id, &spec.exclude_columns)
+            .await?;
+        self.audit(
+            actor,
+            "table.exclude_columns",
+            Some(&format!("{schema}.{name}")),
+            serde_json::json!({
+                "before": before,
+                "after": spec.exclude_columns,
+                "dead_letters_scrubbed": scrubbed,
+            }),
+        )
+        .await?;
+        Ok(spec)
+    }
+
     /// Install changelog capture on a source table. Returns what was installed and how many
     /// existing rows were filed as inserts.
     pub async fn install_changelog(

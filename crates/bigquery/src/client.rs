@@ -3,8 +3,8 @@
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
 use crate::schema::{
-    batches_fields, batches_layout, final_fields, full_view_sql, sync_fields, sync_fields_with,
-    table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
+    batches_fields, batches_layout, current_table, drop_excluded, final_fields, full_view_sql,
+    sync_fields, sync_fields_with, table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
 };
 use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
@@ -490,6 +490,14 @@ impl Sink for BigQuery {
     }
 
     async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
+        // Before the views are written again below: a view naming a dropped column fails.
+        for t in [
+            def.table.to_string(),
+            current_table(def.table),
+            format!("{}_final", def.table),
+        ] {
+            drop_excluded(self, &t, def.excluded).await?;
+        }
         if def.mode == Mode::Cdc {
             // BigQuery keeps one row per key itself: no batch listing, no view.
             return sync_fields_with(

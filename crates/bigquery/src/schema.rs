@@ -396,6 +396,38 @@ pub fn final_fields(source: &[BqField]) -> Vec<BqField> {
     f
 }
 
+/// Drop the `excluded` columns `table` has, if it exists: a column an operator excluded
+/// after it was synced leaves the table, `<table>_current` and `<table>_final` (BigQuery
+/// keeps dropped data for its time-travel window, 7 days by default, then it is gone).
+/// Returns the columns dropped.
+pub async fn drop_excluded(
+    client: &BigQuery,
+    table: &str,
+    excluded: &[String],
+) -> Result<Vec<String>, BqError> {
+    if excluded.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(existing) = client.table_schema(table).await? else {
+        return Ok(Vec::new());
+    };
+    let mut dropped = Vec::new();
+    for f in &existing {
+        let Some(name) = f["name"].as_str() else {
+            continue;
+        };
+        if excluded.iter().any(|e| e == name) {
+            let ddl = format!(
+                "ALTER TABLE {} DROP COLUMN IF EXISTS `{name}`",
+                client.qualified(table)
+            );
+            client.query(&ddl).await?;
+            dropped.push(name.to_string());
+        }
+    }
+    Ok(dropped)
+}
+
 /// What `sync_table` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SchemaChange {

@@ -50,6 +50,9 @@ pub struct TableDef<'a> {
     pub mode: Mode,
     /// CDC mode: the table's `max_staleness` in seconds.
     pub max_staleness_s: i32,
+    /// Columns the table's policy keeps out of BigQuery: dropped where an earlier policy let
+    /// them in (`tables update --exclude-column`).
+    pub excluded: &'a [String],
 }
 
 /// One tenant's dataset, as a slice writes to it.

@@ -292,6 +292,22 @@ pub enum TablesCmd {
     /// Set how a table's rows are written, for every tenant: `insert-all`, `storage` (the
     /// Storage Write API), or `default` (TENANTSYNC_WRITE_API, else insert-all).
     WriteApi(TablesWriteApi),
+    /// Change a registered table's column policy: exclude columns (dropped from every
+    /// tenant's tables at the next slice; open dead letters lose their values at once) or let
+    /// excluded ones back in.
+    Update(TablesUpdate),
+}
+
+#[derive(Debug, Args)]
+pub struct TablesUpdate {
+    /// Table name, or `schema.name` outside public.
+    pub table: String,
+    /// Keep this column out of BigQuery from now on (repeatable).
+    #[arg(long = "exclude-column")]
+    pub exclude_column: Vec<String>,
+    /// Sync this excluded column again (repeatable).
+    #[arg(long = "include-column")]
+    pub include_column: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -204,6 +204,29 @@ async fn open_dataset(
     Ok(())
 }
 
+/// Check a registered table's new excluded columns (`tables update`): each newly excluded one
+/// exists in the source, and the table still reads without them (its key, cursor, tenant and
+/// soft-delete columns cannot be excluded). Names already excluded may have left the source.
+pub async fn check_exclusions(
+    source: &SourceReader,
+    spec: &TableSpec,
+    before: &[String],
+) -> Result<(), WorkerError> {
+    let columns = source
+        .columns(&spec.source_schema, &spec.source_table)
+        .await?;
+    for c in spec.exclude_columns.iter().filter(|c| !before.contains(c)) {
+        if !columns.iter().any(|col| &col.name == c) {
+            return Err(invalid(format!(
+                "--exclude-column {c:?}: {}.{} has no such column",
+                spec.source_schema, spec.source_table
+            )));
+        }
+    }
+    SlicePlan::build(spec, &columns)?;
+    Ok(())
+}
+
 /// Register a table after checking that it exists, that the key, cursor and tenant columns
 /// exist, that every column maps to a BigQuery type, and that its capture and mode fit: a
 /// changelog table needs `source install-changelog` first (with the same key and tenant

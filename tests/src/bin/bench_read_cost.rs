@@ -220,6 +220,7 @@ async fn main() -> Result<()> {
             keys: &keys,
             mode,
             max_staleness_s: 0,
+            excluded: &[],
         };
         Sink::ensure_table(&bq, &def).await?;
     }

@@ -370,6 +370,20 @@ async fn pg_people(env: &TestEnv) -> Vec<Vec<String>> {
     .collect()
 }
 
+/// Sync until tenant 1's changes are all in BigQuery (the change table drops them once a
+/// slice commits): with a read-back of seconds, a slice slowed by a busy machine past it is
+/// not committed and sends its rows again at the next sync.
+async fn sync_all_changes(env: &TestEnv, worker: &Arc<tenantsync_worker::Worker>) {
+    let left = "SELECT count(*) FROM tenantsync_changes.public__people WHERE tenant::text = '1'";
+    for _ in 0..30 {
+        env.sync_once(worker).await.unwrap();
+        if count(env, left).await == 0 {
+            return;
+        }
+    }
+    panic!("tenant 1's changes still unsent after 30 syncs");
+}
+
 /// One random change to tenant 1's people: partial updates (one column, never to NULL,
 /// which merge mode cannot tell from "unchanged"), deletes, inserts with columns missing, and
 /// a deleted id inserted again with fewer columns.
@@ -427,8 +441,8 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let spec = env.control.tables().await.unwrap().remove(0);
     let mut cfg = env.worker_config();
-    // A read-back of 5 s instead of 6 min: the cutoff passes each round's versions.
-    cfg.settle_window = Duration::from_secs(3);
+    // A read-back of 7 s instead of 6 min: the cutoff passes each round's versions.
+    cfg.settle_window = Duration::from_secs(5);
     cfg.slice_max_duration = Duration::from_secs(2);
     cfg.clock_skew = Duration::ZERO;
     let worker = env.worker_with(cfg, Arc::new(NoHooks));
@@ -460,7 +474,7 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
             let sql = people_change(&mut rng, round, i);
             sqlx::query(&sql).execute(env.source_pool()).await.unwrap();
         }
-        env.sync_once(&worker).await.unwrap();
+        sync_all_changes(&env, &worker).await;
         let merged = worker.merge(&t, &spec).await.unwrap();
         assert_eq!(
             merged.refolded, 0,
@@ -503,7 +517,7 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
         .execute(env.source_pool())
         .await
         .unwrap();
-    env.sync_once(&worker).await.unwrap();
+    sync_all_changes(&env, &worker).await;
     // Folded into `people_current` first: the cutoff passes key 7's newest version.
     tokio::time::sleep(back + Duration::from_secs(1)).await;
     worker.merge(&t, &spec).await.unwrap();

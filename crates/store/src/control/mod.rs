@@ -445,6 +445,31 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Replace a table's excluded columns, and remove them from its open dead letters' rows:
+    /// an excluded value must not stay in the control database either (`dlq retry` then
+    /// sends the row without it).
+    pub async fn set_exclude_columns(&self, table_id: i64, columns: &[String]) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE table_specs SET exclude_columns = $2 WHERE id = $1")
+            .bind(table_id)
+            .bind(columns)
+            .execute(&mut *tx)
+            .await?;
+        let scrubbed = sqlx::query(
+            "UPDATE dead_letters
+                SET payload = jsonb_set(payload::jsonb, '{json}',
+                                        (payload::jsonb -> 'json') - $2::text[])::text
+              WHERE table_id = $1 AND payload <> '' AND (payload::jsonb -> 'json') ?| $2::text[]",
+        )
+        .bind(table_id)
+        .bind(columns)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(scrubbed)
+    }
+
     /// Name (or clear) the column that marks a table's rows deleted.
     pub async fn set_soft_delete_column(&self, table_id: i64, column: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE table_specs SET soft_delete_column = $2 WHERE id = $1")

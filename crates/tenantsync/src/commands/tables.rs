@@ -1,7 +1,7 @@
 //! `tenantsync tables …`: register source tables, list them, switch one on or off per tenant.
 
 use super::{admin, admin_with_source, print_list};
-use crate::cli::{TablesAdd, TablesCmd};
+use crate::cli::{TablesAdd, TablesCmd, TablesUpdate};
 use anyhow::Result;
 use std::process::ExitCode;
 use tenantsync_admin::cli_actor;
@@ -39,6 +39,7 @@ pub(crate) async fn run(cmd: TablesCmd) -> Result<ExitCode> {
                 },
             )?;
         }
+        TablesCmd::Update(u) => update(u).await?,
         TablesCmd::Enable(s) => switch(&s.tenant, &s.table, true).await?,
         TablesCmd::Disable(s) => switch(&s.tenant, &s.table, false).await?,
         TablesCmd::WriteApi(w) => {
@@ -123,6 +124,36 @@ async fn add(a: TablesAdd) -> Result<()> {
         } else {
             spec.write_api
                 .map_or_else(|| "default".to_string(), |w| w.to_string())
+        }
+    );
+    Ok(())
+}
+
+async fn update(u: TablesUpdate) -> Result<()> {
+    if u.exclude_column.is_empty() && u.include_column.is_empty() {
+        anyhow::bail!(
+            "tables update {}: nothing to change (--exclude-column C, --include-column C)",
+            u.table
+        );
+    }
+    if let Some(c) = u
+        .exclude_column
+        .iter()
+        .find(|c| u.include_column.contains(c))
+    {
+        anyhow::bail!("column {c:?} is both excluded and included");
+    }
+    let spec = admin_with_source()
+        .await?
+        .update_exclusions(&cli_actor(), &u.table, &u.exclude_column, &u.include_column)
+        .await?;
+    println!(
+        "table {}.{}: excluded columns {}",
+        spec.source_schema,
+        spec.source_table,
+        match spec.exclude_columns.is_empty() {
+            true => "none".to_string(),
+            false => spec.exclude_columns.join(","),
         }
     );
     Ok(())

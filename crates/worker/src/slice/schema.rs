@@ -15,6 +15,7 @@ pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDe
         keys: &spec.key_columns,
         mode: spec.mode,
         max_staleness_s: spec.max_staleness_s,
+        excluded: &spec.exclude_columns,
     }
 }
 

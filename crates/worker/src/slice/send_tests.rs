@@ -82,6 +82,7 @@ impl Fixture {
                 keys: &self.keys,
                 mode: Mode::Latest,
                 max_staleness_s: 900,
+                excluded: &[],
             },
             batch_id: "1-1-1",
             tenant: &self.tenant,
