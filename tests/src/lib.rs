@@ -250,6 +250,7 @@ impl TestEnv {
                 soft_delete_column: None,
                 capture: Default::default(),
                 exclude_columns: Vec::new(),
+                hash_columns: Vec::new(),
             },
         )
         .await?)
@@ -269,6 +270,7 @@ impl TestEnv {
                 dataset: self.dataset(slug),
                 location: None,
                 credentials: None,
+                impersonate: None,
             },
         )
         .await?)

@@ -17,6 +17,7 @@ use tenantsync_bigquery::{BigQuery, Credentials, Endpoint};
 use tenantsync_core::crypto::MasterKey;
 use tenantsync_core::{TableSpec, Tenant, TenantStatus};
 use tenantsync_lease::Leases;
+use tenantsync_store::control::admin::SealedTable;
 use tenantsync_store::control::tasks::TaskId;
 use tenantsync_store::{ControlPlane, SourceReader};
 use tracing::{info, warn};
@@ -349,13 +350,16 @@ impl Admin {
                     .open(&sealed, t.id)
                     .map_err(|e| AdminError::Unavailable(e.to_string()))?,
             ),
-            None if self.endpoint.emulator => Credentials::Emulator,
-            None => {
-                return Err(AdminError::Invalid(format!(
-                    "tenant {} has no stored key; cannot reach its dataset",
-                    t.slug
-                )))
-            }
+            None => match &t.impersonate {
+                Some(email) => Credentials::Impersonated(email.clone()),
+                None if self.endpoint.emulator => Credentials::Emulator,
+                None => {
+                    return Err(AdminError::Invalid(format!(
+                        "tenant {} has no stored key; cannot reach its dataset",
+                        t.slug
+                    )))
+                }
+            },
         };
         BigQuery::new(
             &self.endpoint,
@@ -368,17 +372,14 @@ impl Admin {
         .map_err(|e| AdminError::Upstream(e.to_string()))
     }
 
-    /// Re-seal every credential under the current master key. Safe while workers sync: each
-    /// row is replaced only if it still holds what was read (a concurrent `rotate-credentials`
-    /// wins), and workers configured with the old key among `TENANTSYNC_MASTER_KEYS_OLD` open
-    /// either version.
-    pub async fn rotate_master_key(&self, actor: &str) -> Result<KeyRotation> {
-        let key = self.master_key()?;
-        let mut r = KeyRotation {
-            key_id: key.id().to_string(),
-            ..Default::default()
-        };
-        for c in self.control.all_credentials().await? {
+    /// Re-seal every secret of `table` under `key`, counting into `r`.
+    async fn reseal_all(
+        &self,
+        key: &MasterKey,
+        table: SealedTable,
+        r: &mut KeyRotation,
+    ) -> Result<()> {
+        for c in self.control.all_sealed(table).await? {
             let mut current = c.sealed;
             loop {
                 match key.reseal(&current, c.tenant_id) {
@@ -389,25 +390,41 @@ impl Admin {
                     Ok(Some(new)) => {
                         if self
                             .control
-                            .reseal_credential(c.tenant_id, &current, &new)
+                            .reseal(table, c.tenant_id, &current, &new)
                             .await?
                         {
                             r.resealed += 1;
                             break;
                         }
                         // Replaced meanwhile (rotate-credentials or another rotation): look again.
-                        match self.control.credentials(c.tenant_id).await? {
+                        match self.control.sealed_in(table, c.tenant_id).await? {
                             Some(s) => current = s,
                             None => break,
                         }
                     }
                     Err(e) => {
-                        warn!(tenant_id = c.tenant_id, error = %e, "credential not re-sealed");
+                        warn!(tenant_id = c.tenant_id, ?table, error = %e, "secret not re-sealed");
                         r.failed.push((c.tenant_id, e.to_string()));
                         break;
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Re-seal every credential (and hashing secret) under the current master key. Safe while workers sync: each
+    /// row is replaced only if it still holds what was read (a concurrent `rotate-credentials`
+    /// wins), and workers configured with the old key among `TENANTSYNC_MASTER_KEYS_OLD` open
+    /// either version.
+    pub async fn rotate_master_key(&self, actor: &str) -> Result<KeyRotation> {
+        let key = self.master_key()?;
+        let mut r = KeyRotation {
+            key_id: key.id().to_string(),
+            ..Default::default()
+        };
+        for table in [SealedTable::Credentials, SealedTable::HashKeys] {
+            self.reseal_all(key, table, &mut r).await?;
         }
         self.audit(
             actor,

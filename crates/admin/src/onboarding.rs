@@ -132,50 +132,60 @@ impl Admin {
                 "tenant_column": spec.tenant_column,
                 "soft_delete_column": spec.soft_delete_column,
                 "capture": spec.capture.to_string(),
+                "exclude_columns": spec.exclude_columns,
+                "hash_columns": spec.hash_columns,
             }),
         )
         .await?;
         Ok(spec)
     }
 
-    /// Exclude columns of a registered table from BigQuery (`exclude`) or let excluded ones
-    /// back in (`include`). Workers drop newly excluded columns from every tenant's table,
-    /// `<t>_current` and `<t>_final` at the table's next slice, and open dead letters lose the
-    /// values now. A column let back in is added again; rows synced while it was excluded
-    /// have it NULL until they change or the table is resynced.
-    pub async fn update_exclusions(
+    /// Change a registered table's column policy: `exclude` columns from BigQuery, `hash`
+    /// columns (sent as `<name>_hmac`, a keyed hash), `include` columns as they are again.
+    /// Workers drop a newly excluded or hashed column's plain values from every tenant's
+    /// table, `<t>_current` and `<t>_final` at the table's next slice, and open dead letters
+    /// lose the values now. Rows synced before a policy changed carry the new column (a
+    /// column let back in, a hash) NULL until they change or the table is resynced.
+    pub async fn update_policies(
         &self,
         actor: &str,
         table: &str,
         exclude: &[String],
+        hash: &[String],
         include: &[String],
     ) -> Result<TableSpec> {
         let (schema, name) = split_table(table);
-        let mut spec = self.control.table_by_name(&schema, &name).await?;
-        let before = spec.exclude_columns.clone();
-        let mut after: Vec<String> = before
+        let before = self.control.table_by_name(&schema, &name).await?;
+        let mut spec = before.clone();
+        let apply = |list: &mut Vec<String>, add: &[String], others: &[&[String]]| {
+            list.retain(|c| !include.contains(c) && !others.iter().any(|o| o.contains(c)));
+            for c in add {
+                if !list.contains(c) {
+                    list.push(c.clone());
+                }
+            }
+        };
+        apply(&mut spec.exclude_columns, exclude, &[hash]);
+        apply(&mut spec.hash_columns, hash, &[exclude]);
+        onboard::check_table_policies(self.source()?, &spec, &before).await?;
+        // Values leave open dead letters if they are now excluded or hashed.
+        let plain: Vec<String> = spec
+            .exclude_columns
             .iter()
-            .filter(|c| !include.contains(c))
+            .chain(&spec.hash_columns)
             .cloned()
             .collect();
-        for c in exclude {
-            if !after.contains(c) {
-                after.push(c.clone());
-            }
-        }
-        spec.exclude_columns = after;
-        onboard::check_exclusions(self.source()?, &spec, &before).await?;
         let scrubbed = self
             .control
-            .set_exclude_columns(spec.id, &spec.exclude_columns)
+            .set_column_policies(spec.id, &spec.exclude_columns, &spec.hash_columns, &plain)
             .await?;
         self.audit(
             actor,
-            "table.exclude_columns",
+            "table.column_policy",
             Some(&format!("{schema}.{name}")),
             serde_json::json!({
-                "before": before,
-                "after": spec.exclude_columns,
+                "excluded": {"before": before.exclude_columns, "after": spec.exclude_columns},
+                "hashed": {"before": before.hash_columns, "after": spec.hash_columns},
                 "dead_letters_scrubbed": scrubbed,
             }),
         )

@@ -2,6 +2,7 @@
 //! operator allowed), or a fixed token for the local emulator.
 
 use crate::error::BqError;
+use crate::impersonation::Impersonator;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
@@ -131,6 +132,9 @@ pub enum Credentials {
     Emulator,
     /// A service-account key JSON, kept secret.
     ServiceAccount(SecretString),
+    /// No key: the deployment's own account impersonates this service account (its address;
+    /// see [`crate::impersonation`]).
+    Impersonated(String),
 }
 
 impl fmt::Debug for Credentials {
@@ -138,6 +142,7 @@ impl fmt::Debug for Credentials {
         match self {
             Self::Emulator => f.write_str("Credentials::Emulator"),
             Self::ServiceAccount(_) => f.write_str("Credentials::ServiceAccount([REDACTED])"),
+            Self::Impersonated(email) => write!(f, "Credentials::Impersonated({email})"),
         }
     }
 }
@@ -208,6 +213,14 @@ pub fn parse_service_account(json: &SecretString) -> Result<ServiceAccount, BqEr
 pub(crate) enum TokenSource {
     Fixed(&'static str),
     ServiceAccount(Arc<ServiceAccountTokens>),
+    Impersonated(Arc<ImpersonatedTokens>),
+}
+
+/// One impersonated account and its current token.
+pub(crate) struct ImpersonatedTokens {
+    by: Arc<Impersonator>,
+    email: String,
+    cache: TokenCache,
 }
 
 /// Token fetches (requests to a token endpoint) per second per process, with a burst of as
@@ -229,9 +242,26 @@ pub(crate) struct ServiceAccountTokens {
 }
 
 impl TokenSource {
-    pub(crate) async fn new(creds: &Credentials, policy: &TokenUriPolicy) -> Result<Self, BqError> {
+    pub(crate) async fn new(
+        creds: &Credentials,
+        policy: &TokenUriPolicy,
+        impersonator: Option<&Arc<Impersonator>>,
+    ) -> Result<Self, BqError> {
         match creds {
             Credentials::Emulator => Ok(Self::Fixed("emulator-token")),
+            Credentials::Impersonated(email) => {
+                let by = impersonator.ok_or_else(|| {
+                    BqError::BadCredentials(format!(
+                        "{email} is to be impersonated, but this process has no account of its \
+                         own to do it with (TENANTSYNC_IMPERSONATOR_KEY_FILE)"
+                    ))
+                })?;
+                Ok(Self::Impersonated(Arc::new(ImpersonatedTokens {
+                    by: by.clone(),
+                    email: email.clone(),
+                    cache: TokenCache::default(),
+                })))
+            }
             Credentials::ServiceAccount(json) => {
                 let sa = parse_service_account(json)?;
                 // Checked on every use, not only at onboarding: keys stored before the policy
@@ -281,6 +311,10 @@ impl TokenSource {
                 };
                 sa.cache.get(&TOKEN_FETCH_LIMIT, fetch).await
             }
+            Self::Impersonated(i) => {
+                let fetch = || i.by.token_for(&i.email, SCOPE);
+                i.cache.get(&TOKEN_FETCH_LIMIT, fetch).await
+            }
         }
     }
 }
@@ -327,7 +361,7 @@ impl TokenCache {
 
 /// Connection trouble reaching the token endpoint is transient; an answer refusing the key
 /// (`invalid_grant`, a deleted key, …) means the credentials no longer work.
-fn classify_token_error(e: yup_oauth2::Error) -> BqError {
+pub(crate) fn classify_token_error(e: yup_oauth2::Error) -> BqError {
     use yup_oauth2::Error as E;
     match e {
         E::HttpError(_) | E::HttpClientError(_) | E::LowLevelError(_) => {

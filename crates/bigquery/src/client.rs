@@ -10,6 +10,7 @@ use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_core::mapping::BqField;
 use tenantsync_core::Mode;
@@ -27,6 +28,8 @@ pub struct Endpoint {
     /// Token endpoints service-account keys may name. Emulator mode does not widen it: a key
     /// is a customer's file wherever the API is.
     pub token_uri_policy: TokenUriPolicy,
+    /// The deployment's own account, for tenants onboarded with `--impersonate`.
+    pub impersonator: Option<Arc<crate::Impersonator>>,
 }
 
 impl Endpoint {
@@ -36,6 +39,7 @@ impl Endpoint {
             storage_url: Some(crate::storage::GOOGLE_STORAGE_URL.into()),
             emulator: false,
             token_uri_policy: TokenUriPolicy::google_only(),
+            impersonator: None,
         }
     }
 
@@ -51,6 +55,7 @@ impl Endpoint {
             storage_url: None,
             emulator: true,
             token_uri_policy: TokenUriPolicy::google_only(),
+            impersonator: None,
         }
     }
 
@@ -75,6 +80,12 @@ impl Endpoint {
     }
 
     /// The same endpoint with another token endpoint policy.
+    /// Impersonate tenants' accounts (`tenant add --impersonate`) as this one.
+    pub fn with_impersonator(mut self, by: Option<Arc<crate::Impersonator>>) -> Self {
+        self.impersonator = by;
+        self
+    }
+
     pub fn with_token_uri_policy(mut self, policy: TokenUriPolicy) -> Self {
         self.token_uri_policy = policy;
         self
@@ -131,7 +142,12 @@ impl BigQuery {
             project: project.to_string(),
             dataset: dataset.to_string(),
             location: None,
-            tokens: TokenSource::new(creds, &endpoint.token_uri_policy).await?,
+            tokens: TokenSource::new(
+                creds,
+                &endpoint.token_uri_policy,
+                endpoint.impersonator.as_ref(),
+            )
+            .await?,
         })
     }
 
@@ -491,12 +507,13 @@ impl Sink for BigQuery {
 
     async fn ensure_table(&self, def: &TableDef<'_>) -> Result<SchemaChange, BqError> {
         // Before the views are written again below: a view naming a dropped column fails.
+        let plain: Vec<String> = def.excluded.iter().chain(def.hashed).cloned().collect();
         for t in [
             def.table.to_string(),
             current_table(def.table),
             format!("{}_final", def.table),
         ] {
-            drop_excluded(self, &t, def.excluded).await?;
+            drop_excluded(self, &t, &plain).await?;
         }
         if def.mode == Mode::Cdc {
             // BigQuery keeps one row per key itself: no batch listing, no view.

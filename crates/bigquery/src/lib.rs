@@ -4,6 +4,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod final_merge;
+pub mod impersonation;
 pub mod schema;
 pub mod sink;
 pub mod storage;
@@ -11,6 +12,7 @@ pub mod storage;
 pub use auth::{Credentials, ServiceAccount, TokenUriPolicy};
 pub use client::{BigQuery, Endpoint};
 pub use error::{BqError, Retry};
+pub use impersonation::Impersonator;
 pub use sink::{InsertOutcome, RowError, Sink, TableDef, WriteSink};
 pub use storage::StorageSink;
 

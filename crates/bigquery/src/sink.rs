@@ -53,6 +53,9 @@ pub struct TableDef<'a> {
     /// Columns the table's policy keeps out of BigQuery: dropped where an earlier policy let
     /// them in (`tables update --exclude-column`).
     pub excluded: &'a [String],
+    /// Columns sent only as `<name>_hmac`: a plain column of the name (synced before the
+    /// policy) is dropped like an excluded one.
+    pub hashed: &'a [String],
 }
 
 /// One tenant's dataset, as a slice writes to it.

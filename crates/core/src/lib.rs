@@ -3,6 +3,7 @@
 pub mod cdc;
 pub mod chunk;
 pub mod crypto;
+pub mod hashing;
 pub mod ident;
 pub mod insert_id;
 pub mod location;

@@ -142,6 +142,9 @@ pub struct Tenant {
     pub bq_location: Option<String>,
     pub status: TenantStatus,
     pub has_credentials: bool,
+    /// A keyless tenant: the service account the deployment impersonates for it
+    /// (`tenant add --impersonate`).
+    pub impersonate: Option<String>,
     /// insertAll budget of this tenant across all workers (None: the deployment default).
     pub max_requests_per_s: Option<f64>,
     pub max_rows_per_s: Option<f64>,
@@ -210,6 +213,9 @@ pub struct TableSpec {
     pub max_staleness_s: i32,
     /// Source columns never sent: left out of every read, table, view and dead letter.
     pub exclude_columns: Vec<String>,
+    /// Source columns sent only as a keyed hash: HMAC-SHA-256 under the tenant's own secret,
+    /// in a STRING column named `<column>_hmac` (see `tenantsync_core::hashing`).
+    pub hash_columns: Vec<String>,
 }
 
 /// The default `max_staleness` of a CDC table (migration `20261202180000_cdc.sql`).

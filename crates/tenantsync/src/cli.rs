@@ -277,6 +277,11 @@ pub struct TenantAdd {
     /// other hosts.
     #[arg(long)]
     pub credentials_file: Option<PathBuf>,
+    /// No key: the deployment's own service account (TENANTSYNC_IMPERSONATOR_KEY_FILE)
+    /// impersonates this one, which the tenant lets it do by granting it
+    /// roles/iam.serviceAccountTokenCreator. Checked like a key before anything is saved.
+    #[arg(long, conflicts_with = "credentials_file")]
+    pub impersonate: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,7 +310,11 @@ pub struct TablesUpdate {
     /// Keep this column out of BigQuery from now on (repeatable).
     #[arg(long = "exclude-column")]
     pub exclude_column: Vec<String>,
-    /// Sync this excluded column again (repeatable).
+    /// Send this column only as `<column>_hmac`, its HMAC-SHA-256 under the tenant's own
+    /// secret (repeatable).
+    #[arg(long = "hash-column")]
+    pub hash_column: Vec<String>,
+    /// Sync this excluded or hashed column as it is again (repeatable).
     #[arg(long = "include-column")]
     pub include_column: Vec<String>,
 }
@@ -405,6 +414,11 @@ pub struct TablesAdd {
     /// view and dead letter. Not the key, cursor, tenant or soft-delete column.
     #[arg(long = "exclude-column")]
     pub exclude_column: Vec<String>,
+    /// A column sent only as `<column>_hmac` (repeat for several): the hex HMAC-SHA-256 of its
+    /// text under the tenant's own secret, so values join across the tenant's tables but not
+    /// across tenants. Not the key, cursor, tenant or soft-delete column.
+    #[arg(long = "hash-column")]
+    pub hash_column: Vec<String>,
     /// How rows are written: tabledata.insertAll, or the Storage Write API (exactly-once
     /// appends to a pending stream per slice). Default: TENANTSYNC_WRITE_API, else insert-all.
     #[arg(long, value_parser = ["insert-all", "storage"])]

@@ -80,11 +80,33 @@ pub fn endpoint() -> Result<Endpoint> {
         Some(list) => TokenUriPolicy::allowing(&list)
             .map_err(|e| anyhow!("{ALLOW_HOSTS_VAR} is not valid: {e}"))?,
     };
+    let impersonator = impersonator(&policy)?;
     Ok(
         Endpoint::from_env_value(var("BIGQUERY_EMULATOR_HOST").as_deref())
             .with_storage_emulator(var("BIGQUERY_STORAGE_EMULATOR_HOST").as_deref())
-            .with_token_uri_policy(policy),
+            .with_token_uri_policy(policy)
+            .with_impersonator(impersonator),
     )
+}
+
+/// The deployment's own service account, which impersonates keyless tenants' accounts: its
+/// key file (`TENANTSYNC_IMPERSONATOR_KEY_FILE`) and the IAM Credentials API
+/// (`TENANTSYNC_IAM_CREDENTIALS_URL`, Google's by default). None without a key file.
+fn impersonator(
+    policy: &TokenUriPolicy,
+) -> Result<Option<std::sync::Arc<tenantsync_bigquery::Impersonator>>> {
+    let Some(path) = var("TENANTSYNC_IMPERSONATOR_KEY_FILE") else {
+        return Ok(None);
+    };
+    let key: SecretString = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow!("cannot read TENANTSYNC_IMPERSONATOR_KEY_FILE {path}: {e}"))?
+        .into();
+    let url = var("TENANTSYNC_IAM_CREDENTIALS_URL").unwrap_or_else(|| {
+        tenantsync_bigquery::impersonation::GOOGLE_IAM_CREDENTIALS_URL.to_string()
+    });
+    let by = tenantsync_bigquery::Impersonator::new(key, &url, policy)
+        .map_err(|e| anyhow!("TENANTSYNC_IMPERSONATOR_KEY_FILE {path}: {e}"))?;
+    Ok(Some(std::sync::Arc::new(by)))
 }
 
 /// Where new tenants' datasets are created unless `tenant add --location` says otherwise.

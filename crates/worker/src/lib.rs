@@ -129,6 +129,8 @@ struct Caches {
     /// their own token).
     channel: std::sync::OnceLock<tonic::transport::Channel>,
     plans: Mutex<HashMap<i64, CachedPlan>>,
+    /// Per tenant, its hashing secret (`--hash-column`), opened once.
+    hash_keys: Mutex<HashMap<i64, Arc<tenantsync_core::hashing::HashKey>>>,
     /// When the last horizon query was sent, and its result.
     horizon: Mutex<Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>>,
     /// Claim and commit statements shared by slices that start or end together.

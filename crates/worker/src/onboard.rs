@@ -25,8 +25,10 @@ pub struct TenantRequest {
     /// [`tenantsync_core::location`]). None: wherever BigQuery puts it (its default, US), not
     /// recorded; the CLI always passes one (`--location`, else `TENANTSYNC_BQ_LOCATION`).
     pub location: Option<String>,
-    /// Service-account key JSON; None only against the emulator.
+    /// Service-account key JSON; None only against the emulator, or with `impersonate`.
     pub credentials: Option<SecretString>,
+    /// No key: the deployment's account impersonates this service account.
+    pub impersonate: Option<String>,
 }
 
 fn invalid(e: impl std::fmt::Display) -> WorkerError {
@@ -61,16 +63,33 @@ pub async fn add_tenant(
         .map(tenantsync_core::location::parse)
         .transpose()
         .map_err(invalid)?;
-    let (creds, email) = match &req.credentials {
-        Some(json) => {
+    let (creds, email) = match (&req.credentials, &req.impersonate) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "give a service-account key or --impersonate, not both",
+            ))
+        }
+        (Some(json), None) => {
             let sa = parse_service_account(json)?;
             endpoint.token_uri_policy.check(&sa.token_uri)?;
             (Credentials::ServiceAccount(json.clone()), Some(sa.client_email))
         }
-        None if endpoint.emulator => (Credentials::Emulator, None),
-        None => {
+        // Checked like a key: the token (through the impersonation call) and the dataset,
+        // before anything is saved.
+        (None, Some(target)) => {
+            tenantsync_bigquery::impersonation::check_email(target).map_err(invalid)?;
+            if endpoint.impersonator.is_none() {
+                return Err(invalid(
+                    "--impersonate needs the deployment's own service-account key \
+                     (TENANTSYNC_IMPERSONATOR_KEY_FILE)",
+                ));
+            }
+            (Credentials::Impersonated(target.clone()), None)
+        }
+        (None, None) if endpoint.emulator => (Credentials::Emulator, None),
+        (None, None) => {
             return Err(invalid(
-                "a service-account key (--credentials-file) is required unless BIGQUERY_EMULATOR_HOST is set",
+                "a service-account key (--credentials-file) or --impersonate is required unless BIGQUERY_EMULATOR_HOST is set",
             ))
         }
     };
@@ -80,6 +99,7 @@ pub async fn add_tenant(
         bq_project: req.project.clone(),
         bq_dataset: req.dataset.clone(),
         bq_location: location.clone(),
+        impersonate: req.impersonate.clone(),
     };
     // A second tenant of one organization would receive the same rows in its own dataset.
     if let Some(clash) = control.tenant_clash(&new).await? {
@@ -204,27 +224,53 @@ async fn open_dataset(
     Ok(())
 }
 
-/// Check a registered table's new excluded columns (`tables update`): each newly excluded one
-/// exists in the source, and the table still reads without them (its key, cursor, tenant and
-/// soft-delete columns cannot be excluded). Names already excluded may have left the source.
-pub async fn check_exclusions(
-    source: &SourceReader,
+/// Check a table's column policies (`tables add`, `tables update`): each newly excluded or
+/// hashed column exists in the source, and the table still reads with them (its key, cursor,
+/// tenant and soft-delete columns can be neither; a column not both; a hash's column name
+/// `<name>_hmac` not the source's). Names already in a policy (`before_*`) may have left the
+/// source.
+pub fn check_policies(
     spec: &TableSpec,
-    before: &[String],
+    columns: &[tenantsync_core::mapping::PgColumn],
+    before_excluded: &[String],
+    before_hashed: &[String],
 ) -> Result<(), WorkerError> {
-    let columns = source
-        .columns(&spec.source_schema, &spec.source_table)
-        .await?;
-    for c in spec.exclude_columns.iter().filter(|c| !before.contains(c)) {
-        if !columns.iter().any(|col| &col.name == c) {
+    let new = |list: &'static str, now: &[String], before: &[String]| {
+        now.iter()
+            .filter(|c| !before.contains(c))
+            .map(move |c| (list, c.clone()))
+            .collect::<Vec<_>>()
+    };
+    let added = new("--exclude-column", &spec.exclude_columns, before_excluded)
+        .into_iter()
+        .chain(new("--hash-column", &spec.hash_columns, before_hashed));
+    for (flag, c) in added {
+        if !columns.iter().any(|col| col.name == c) {
             return Err(invalid(format!(
-                "--exclude-column {c:?}: {}.{} has no such column",
+                "{flag} {c:?}: {}.{} has no such column",
                 spec.source_schema, spec.source_table
             )));
         }
     }
-    SlicePlan::build(spec, &columns)?;
+    SlicePlan::build(spec, columns)?;
     Ok(())
+}
+
+/// [`check_policies`] against the source's current columns.
+pub async fn check_table_policies(
+    source: &SourceReader,
+    spec: &TableSpec,
+    before: &TableSpec,
+) -> Result<(), WorkerError> {
+    let columns = source
+        .columns(&spec.source_schema, &spec.source_table)
+        .await?;
+    check_policies(
+        spec,
+        &columns,
+        &before.exclude_columns,
+        &before.hash_columns,
+    )
 }
 
 /// Register a table after checking that it exists, that the key, cursor and tenant columns
@@ -306,16 +352,9 @@ pub async fn add_table(
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
         exclude_columns: spec.exclude_columns.clone(),
+        hash_columns: spec.hash_columns.clone(),
     };
-    for c in &spec.exclude_columns {
-        if !columns.iter().any(|col| &col.name == c) {
-            return Err(invalid(format!(
-                "--exclude-column {c:?}: {}.{} has no such column",
-                spec.source_schema, spec.source_table
-            )));
-        }
-    }
-    SlicePlan::build(&probe, &columns)?;
+    check_policies(&probe, &columns, &[], &[])?;
     // Every tenant onboarded so far must be readable through this table's tenant column: an
     // id its type refuses fails every slice, a non-canonical one never syncs.
     for t in control.tenants().await? {

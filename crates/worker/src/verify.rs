@@ -364,9 +364,13 @@ impl Worker {
         let batch_id = format!("{}-{}-resync-{part}", tenant.id, spec.id);
         let started = Utc::now();
         let synced_at = started.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let hasher = self.hasher(tenant, spec).await?;
         let payloads: Vec<tenantsync_core::Payload> = rows
             .iter()
-            .map(|r| payload(tenant.id, &plan.table, r, &batch_id, &synced_at).into())
+            .map(|r| {
+                let h = hasher.as_deref();
+                payload(tenant.id, &plan.table, r, &batch_id, &synced_at, h).into()
+            })
             .collect();
         let sizes: Vec<usize> = payloads.iter().map(tenantsync_core::Payload::len).collect();
         let (never, stop) = (CancellationToken::new(), CancellationToken::new());

@@ -127,6 +127,7 @@ async fn register(env: &TestEnv, p: &Params) -> Result<()> {
                 soft_delete_column: None,
                 capture: Default::default(),
                 exclude_columns: Vec::new(),
+                hash_columns: Vec::new(),
             },
         )
         .await?;

@@ -221,6 +221,7 @@ async fn main() -> Result<()> {
             mode,
             max_staleness_s: 0,
             excluded: &[],
+            hashed: &[],
         };
         Sink::ensure_table(&bq, &def).await?;
     }

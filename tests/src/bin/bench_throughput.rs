@@ -100,6 +100,7 @@ async fn register(env: &TestEnv, p: &Params) -> Result<Vec<(i64, String)>> {
             soft_delete_column: None,
             capture: Default::default(),
             exclude_columns: Vec::new(),
+            hash_columns: Vec::new(),
         },
     )
     .await?;

@@ -60,6 +60,7 @@ async fn cdc_table(
             soft_delete_column: soft_delete.map(str::to_string),
             capture,
             exclude_columns: Vec::new(),
+            hash_columns: Vec::new(),
         },
     )
     .await

@@ -211,3 +211,159 @@ async fn excluding_a_synced_column_drops_it_everywhere() {
     assert_eq!(tenantsync_tests::cell(&back[0], 0), "back@ngo.example");
     env.cleanup().await.unwrap();
 }
+
+/// The tenant's hashing secret, opened the way workers open it.
+async fn hash_key(env: &TestEnv, tenant_id: i64) -> tenantsync_core::hashing::HashKey {
+    use base64::Engine;
+    use secrecy::ExposeSecret;
+    let sealed = env
+        .control
+        .sealed_hash_key(tenant_id)
+        .await
+        .unwrap()
+        .expect("made by the first slice that needed it");
+    let text = env.deps().master_key.open(&sealed, tenant_id).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.expose_secret())
+        .unwrap();
+    tenantsync_core::hashing::HashKey::from_bytes(&bytes).unwrap()
+}
+
+/// `--hash-column`: the column lands as `<name>_hmac`, equal to HMAC-SHA-256 under the tenant's
+/// own sealed secret; equal values join across one tenant's tables and differ between two
+/// tenants; the plain value is in no table, view or log line. `tables update --hash-column`
+/// on a column synced plain drops the plain column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
+    const SHARED: &str = "shared-donor@ngo.example";
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE people (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
+                              email text, phone text,
+                              updated_at timestamptz NOT NULL DEFAULT now() - interval '1 minute');
+         CREATE TABLE donations (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
+                                 donor_email text, amount int,
+                                 updated_at timestamptz NOT NULL DEFAULT now() - interval '1 minute');
+         INSERT INTO people (id, organization_id, email, phone) VALUES
+             (1, 1, '{SHARED}', '+1-555-0101'), (2, 1, NULL, '+1-555-0102'),
+             (3, 2, '{SHARED}', '+1-555-0103');
+         INSERT INTO donations (id, organization_id, donor_email, amount) VALUES
+             (10, 1, '{SHARED}', 50);"
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    for (args, why) in [
+        (vec!["--hash-column", "id"], "cannot be hashed"),
+        (vec!["--hash-column", "nope"], "no such column"),
+        (
+            vec!["--hash-column", "email", "--exclude-column", "email"],
+            "both excluded and hashed",
+        ),
+    ] {
+        let mut all = vec!["tables", "add", "people"];
+        all.extend(args);
+        let (ok, out) = env.cli(&all);
+        assert!(!ok && out.contains(why), "{out}");
+    }
+    assert!(env.control.tables().await.unwrap().is_empty());
+    let (ok, out) = env.cli(&["tables", "add", "people", "--hash-column", "email"]);
+    assert!(ok, "{out}");
+    let (ok, out) = env.cli(&["tables", "add", "donations", "--hash-column", "donor_email"]);
+    assert!(ok, "{out}");
+    let t1 = env.add_tenant("org-1", 1).await.unwrap();
+    let t2 = env.add_tenant("org-2", 2).await.unwrap();
+    let (ok, run_out) = env.cli(&["run", "--once"]);
+    assert!(ok, "{run_out}");
+
+    let (k1, k2) = (hash_key(&env, t1.id).await, hash_key(&env, t2.id).await);
+    let (bq1, bq2) = (env.bq(&t1).await.unwrap(), env.bq(&t2).await.unwrap());
+    let one = |bq: &tenantsync_bigquery::BigQuery, sql: String| {
+        let bq = bq.clone();
+        async move {
+            let rows = bq.query(&sql).await.unwrap();
+            rows.iter()
+                .map(|r| tenantsync_tests::cell(r, 0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let people1 = one(
+        &bq1,
+        format!(
+            "SELECT email_hmac FROM {} ORDER BY id",
+            bq1.qualified("people_latest")
+        ),
+    )
+    .await;
+    assert_eq!(people1, [k1.hmac_hex(SHARED), "NULL".to_string()]);
+    // One tenant's tables join on the hash…
+    let joined = one(
+        &bq1,
+        format!(
+            "SELECT CAST(d.amount AS STRING) FROM {} d JOIN {} p ON d.donor_email_hmac = p.email_hmac",
+            bq1.qualified("donations_latest"),
+            bq1.qualified("people_latest")
+        ),
+    )
+    .await;
+    assert_eq!(joined, ["50"]);
+    // …two tenants' hashes of one value differ.
+    let people2 = one(
+        &bq2,
+        format!("SELECT email_hmac FROM {}", bq2.qualified("people_latest")),
+    )
+    .await;
+    assert_eq!(people2, [k2.hmac_hex(SHARED)]);
+    assert_ne!(people1[0], people2[0]);
+    for bq in [&bq1, &bq2] {
+        let names: Vec<String> = bq
+            .table_schema("people")
+            .await
+            .unwrap()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["name"].as_str().map(String::from))
+            .collect();
+        assert!(
+            names.contains(&"email_hmac".into()) && !names.contains(&"email".into()),
+            "{names:?}"
+        );
+    }
+    assert!(!run_out.contains(SHARED), "a hashed value was logged");
+
+    // Hashing a column synced plain: the plain column goes, its hash comes.
+    let (ok, out) = env.cli(&["tables", "update", "people", "--hash-column", "phone"]);
+    assert!(ok && out.contains("hashed columns email,phone"), "{out}");
+    sqlx::raw_sql("UPDATE people SET updated_at = now()")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    env.past_skew().await;
+    let (ok, out) = env.cli(&["run", "--once"]);
+    assert!(ok && !out.contains("+1-555-0101"), "{out}");
+    let phones = one(
+        &bq1,
+        format!(
+            "SELECT phone_hmac FROM {} ORDER BY id",
+            bq1.qualified("people_latest")
+        ),
+    )
+    .await;
+    assert_eq!(
+        phones,
+        [k1.hmac_hex("+1-555-0101"), k1.hmac_hex("+1-555-0102")]
+    );
+    let all = one(
+        &bq1,
+        format!(
+            "SELECT TO_JSON_STRING(t) FROM {} t",
+            bq1.qualified("people")
+        ),
+    )
+    .await
+    .concat();
+    assert!(!all.contains("+1-555") && !all.contains(SHARED), "{all}");
+    let (ok, out) = env.cli(&["verify"]);
+    assert!(ok && out.matches("ok ").count() >= 4, "{out}");
+    env.cleanup().await.unwrap();
+}

@@ -189,6 +189,7 @@ async fn onboard_with_key(
             dataset: env.dataset("ngo_a"),
             location: None,
             credentials: Some(fx.key_json.clone()),
+            impersonate: None,
         },
     )
     .await

@@ -17,6 +17,7 @@ mod credentials;
 mod dead_letters;
 mod faults;
 mod hostile_rows;
+mod impersonation;
 mod key_rotation;
 mod location;
 mod names;

@@ -32,6 +32,7 @@ async fn add(
             soft_delete_column: None,
             capture,
             exclude_columns: Vec::new(),
+            hash_columns: Vec::new(),
         },
     )
     .await
@@ -481,6 +482,7 @@ async fn of_two_tables_registered_before_the_check_the_later_one_stops() {
                 soft_delete_column: None,
                 capture: Capture::Cursor,
                 exclude_columns: Vec::new(),
+                hash_columns: Vec::new(),
             })
             .await
             .unwrap();

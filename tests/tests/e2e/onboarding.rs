@@ -146,6 +146,7 @@ async fn one_tenant_per_organization_with_ids_that_fit_every_tenant_column() {
                 bq_project: env.project.clone(),
                 bq_dataset: env.dataset("race"),
                 bq_location: None,
+                impersonate: None,
             },
             None,
         )

@@ -404,6 +404,7 @@ async fn key_cursor_and_tenant_texts_are_postgres_own_and_watermarks_round_trip(
             soft_delete_column: None,
             capture: Default::default(),
             exclude_columns: Vec::new(),
+            hash_columns: Vec::new(),
         },
     )
     .await

@@ -55,6 +55,24 @@ pub struct TaskRate {
 }
 
 /// A sealed credential with the tenant it belongs to.
+/// The tables holding secrets sealed with the master key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedTable {
+    /// Tenants' service-account keys.
+    Credentials,
+    /// Tenants' hashing secrets (`--hash-column`).
+    HashKeys,
+}
+
+impl SealedTable {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Credentials => "tenant_credentials",
+            Self::HashKeys => "tenant_hash_keys",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoredCredential {
     pub tenant_id: i64,
@@ -257,9 +275,15 @@ impl ControlPlane {
 
     /// Every stored credential (sealed), for master-key rotation.
     pub async fn all_credentials(&self) -> Result<Vec<StoredCredential>> {
-        let rows = sqlx::query(
-            "SELECT tenant_id, key_id, nonce, ciphertext FROM tenant_credentials ORDER BY tenant_id",
-        )
+        self.all_sealed(SealedTable::Credentials).await
+    }
+
+    /// Every secret sealed in `table`, for master-key rotation.
+    pub async fn all_sealed(&self, table: SealedTable) -> Result<Vec<StoredCredential>> {
+        let rows = sqlx::query(&format!(
+            "SELECT tenant_id, key_id, nonce, ciphertext FROM {} ORDER BY tenant_id",
+            table.name()
+        ))
         .fetch_all(self.pool())
         .await?;
         rows.iter()
@@ -285,10 +309,23 @@ impl ControlPlane {
         old: &Sealed,
         new: &Sealed,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE tenant_credentials SET key_id = $3, nonce = $4, ciphertext = $5
+        self.reseal(SealedTable::Credentials, tenant_id, old, new)
+            .await
+    }
+
+    /// [`Self::reseal_credential`] for any table of sealed secrets.
+    pub async fn reseal(
+        &self,
+        table: SealedTable,
+        tenant_id: i64,
+        old: &Sealed,
+        new: &Sealed,
+    ) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET key_id = $3, nonce = $4, ciphertext = $5
              WHERE tenant_id = $1 AND nonce = $2",
-        )
+            table.name()
+        ))
         .bind(tenant_id)
         .bind(&old.nonce)
         .bind(&new.key_id)

@@ -25,6 +25,8 @@ pub struct NewTenant {
     pub bq_dataset: String,
     /// Where the dataset is (see [`tenantsync_core::location`]).
     pub bq_location: Option<String>,
+    /// The service account to impersonate instead of a stored key.
+    pub impersonate: Option<String>,
 }
 
 /// Credentials to store with a new tenant. `seal` receives the new tenant's id because the id
@@ -49,6 +51,9 @@ pub struct NewTableSpec {
     pub capture: Capture,
     /// Source columns never sent to BigQuery.
     pub exclude_columns: Vec<String>,
+    /// Source columns sent only as a keyed hash: HMAC-SHA-256 under the tenant's own secret,
+    /// in a STRING column named `<column>_hmac` (see `tenantsync_core::hashing`).
+    pub hash_columns: Vec<String>,
 }
 
 /// One line of `tenantsync status`.
@@ -75,7 +80,7 @@ pub struct StatusRow {
 
 const TENANT_COLUMNS: &str =
     "t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.bq_location, t.status, \
-     t.max_requests_per_s, t.max_rows_per_s, \
+     t.max_requests_per_s, t.max_rows_per_s, t.impersonate, \
      EXISTS (SELECT 1 FROM tenant_credentials c WHERE c.tenant_id = t.id) AS has_credentials";
 
 fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
@@ -89,6 +94,7 @@ fn tenant_from_row(r: &sqlx::postgres::PgRow) -> Result<Tenant> {
         bq_location: r.try_get("bq_location")?,
         status: status.parse().map_err(StoreError::Invalid)?,
         has_credentials: r.try_get("has_credentials")?,
+        impersonate: r.try_get("impersonate")?,
         max_requests_per_s: r.try_get("max_requests_per_s")?,
         max_rows_per_s: r.try_get("max_rows_per_s")?,
     })
@@ -122,6 +128,7 @@ fn spec_from_row_with_id(r: &sqlx::postgres::PgRow, id_column: &str) -> Result<T
             .map_err(StoreError::Invalid)?,
         max_staleness_s: r.try_get("max_staleness_s")?,
         exclude_columns: r.try_get("exclude_columns")?,
+        hash_columns: r.try_get("hash_columns")?,
     })
 }
 
@@ -143,14 +150,16 @@ impl ControlPlane {
     ) -> Result<Tenant> {
         let mut tx = self.pool.begin().await?;
         let id: std::result::Result<i64, _> = sqlx::query_scalar(
-            "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset, bq_location)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO tenants (slug, organization_id, bq_project, bq_dataset, bq_location,
+                                  impersonate)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(&t.slug)
         .bind(&t.organization_id)
         .bind(&t.bq_project)
         .bind(&t.bq_dataset)
         .bind(&t.bq_location)
+        .bind(&t.impersonate)
         .fetch_one(&mut *tx)
         .await;
         let id = match id {
@@ -367,10 +376,48 @@ impl ControlPlane {
         self.updated_tenant(slug, done.rows_affected()).await
     }
 
-    pub async fn credentials(&self, tenant_id: i64) -> Result<Option<Sealed>> {
-        let row = sqlx::query(
-            "SELECT key_id, nonce, ciphertext FROM tenant_credentials WHERE tenant_id = $1",
+    /// The tenant's sealed hashing secret (`--hash-column`), stored from `fresh()` the first
+    /// time: of two workers making one at once, the first stored wins and both use it.
+    pub async fn hash_key(&self, tenant_id: i64, fresh: impl FnOnce() -> Sealed) -> Result<Sealed> {
+        if let Some(s) = self.sealed_hash_key(tenant_id).await? {
+            return Ok(s);
+        }
+        let new = fresh();
+        sqlx::query(
+            "INSERT INTO tenant_hash_keys (tenant_id, key_id, nonce, ciphertext)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id) DO NOTHING",
         )
+        .bind(tenant_id)
+        .bind(&new.key_id)
+        .bind(&new.nonce)
+        .bind(&new.ciphertext)
+        .execute(&self.pool)
+        .await?;
+        self.sealed_hash_key(tenant_id)
+            .await?
+            .ok_or_else(|| StoreError::Invalid(format!("tenant {tenant_id} does not exist")))
+    }
+
+    pub async fn sealed_hash_key(&self, tenant_id: i64) -> Result<Option<Sealed>> {
+        self.sealed_in(admin::SealedTable::HashKeys, tenant_id)
+            .await
+    }
+
+    pub async fn credentials(&self, tenant_id: i64) -> Result<Option<Sealed>> {
+        self.sealed_in(admin::SealedTable::Credentials, tenant_id)
+            .await
+    }
+
+    /// The tenant's secret in `table`, sealed.
+    pub async fn sealed_in(
+        &self,
+        table: admin::SealedTable,
+        tenant_id: i64,
+    ) -> Result<Option<Sealed>> {
+        let row = sqlx::query(&format!(
+            "SELECT key_id, nonce, ciphertext FROM {} WHERE tenant_id = $1",
+            table.name()
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -390,8 +437,9 @@ impl ControlPlane {
         let row = sqlx::query(
             "INSERT INTO table_specs (source_schema, source_table, key_columns, cursor_column,
                                       tenant_column, mode, sync_interval_ms, slice_rows,
-                                      soft_delete_column, capture, exclude_columns)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
+                                      soft_delete_column, capture, exclude_columns,
+                                      hash_columns)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *",
         )
         .bind(&s.source_schema)
         .bind(&s.source_table)
@@ -404,6 +452,7 @@ impl ControlPlane {
         .bind(&s.soft_delete_column)
         .bind(s.capture.as_str())
         .bind(&s.exclude_columns)
+        .bind(&s.hash_columns)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match StoreError::from(e) {
@@ -445,14 +494,22 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Replace a table's excluded columns, and remove them from its open dead letters' rows:
-    /// an excluded value must not stay in the control database either (`dlq retry` then
-    /// sends the row without it).
-    pub async fn set_exclude_columns(&self, table_id: i64, columns: &[String]) -> Result<u64> {
+    /// Replace a table's excluded and hashed columns, and remove the `plain` columns' values
+    /// from its dead letters' rows: an excluded or hashed value must not stay in the control
+    /// database either (`dlq retry` then sends the row without it). Returns the dead letters
+    /// changed.
+    pub async fn set_column_policies(
+        &self,
+        table_id: i64,
+        exclude: &[String],
+        hash: &[String],
+        plain: &[String],
+    ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE table_specs SET exclude_columns = $2 WHERE id = $1")
+        sqlx::query("UPDATE table_specs SET exclude_columns = $2, hash_columns = $3 WHERE id = $1")
             .bind(table_id)
-            .bind(columns)
+            .bind(exclude)
+            .bind(hash)
             .execute(&mut *tx)
             .await?;
         let scrubbed = sqlx::query(
@@ -462,7 +519,7 @@ impl ControlPlane {
               WHERE table_id = $1 AND payload <> '' AND (payload::jsonb -> 'json') ?| $2::text[]",
         )
         .bind(table_id)
-        .bind(columns)
+        .bind(plain)
         .execute(&mut *tx)
         .await?
         .rows_affected();

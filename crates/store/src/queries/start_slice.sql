@@ -10,7 +10,7 @@ WITH req AS (
     FROM unnest($1::bigint[], $2::bigint[]) AS r(tenant_id, table_id)
 ), tn AS (
     SELECT t.id, t.slug, t.organization_id, t.bq_project, t.bq_dataset, t.bq_location, t.status,
-           t.max_requests_per_s, t.max_rows_per_s, c.nonce AS credentials_nonce
+           t.max_requests_per_s, t.max_rows_per_s, t.impersonate, c.nonce AS credentials_nonce
     FROM tenants t
     LEFT JOIN tenant_credentials c ON c.tenant_id = t.id
     WHERE t.id IN (SELECT tenant_id FROM req)
@@ -34,12 +34,12 @@ WITH req AS (
 )
 SELECT req.tenant_id, req.table_id,
        tn.id, tn.slug, tn.organization_id, tn.bq_project, tn.bq_dataset, tn.bq_location, tn.status,
-       tn.max_requests_per_s, tn.max_rows_per_s, tn.credentials_nonce,
+       tn.max_requests_per_s, tn.max_rows_per_s, tn.impersonate, tn.credentials_nonce,
        tn.credentials_nonce IS NOT NULL AS has_credentials,
        ts.id AS table_spec_id, ts.source_schema, ts.source_table, ts.key_columns,
        ts.cursor_column, ts.tenant_column, ts.mode, ts.enabled, ts.sync_interval_ms,
        ts.slice_rows, ts.soft_delete_column, ts.capture, ts.write_api, ts.max_staleness_s,
-       ts.exclude_columns,
+       ts.exclude_columns, ts.hash_columns,
        claimed.fencing_token, claimed.watermark_cursor, claimed.watermark_key,
        claimed.synced_through, claimed.schema_hash, claimed.batches_visible_through,
        claimed.changed_until

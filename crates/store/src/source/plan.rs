@@ -5,8 +5,9 @@
 use super::catalog_fingerprint;
 use crate::error::{Result, StoreError};
 use std::sync::Arc;
+use tenantsync_core::hashing::hashed_name;
 use tenantsync_core::ident::quote_pg;
-use tenantsync_core::mapping::{map_column, BqField, PgColumn};
+use tenantsync_core::mapping::{map_column, BqField, BqType, FieldMode, MappedColumn, PgColumn};
 use tenantsync_core::proto::ProtoSchema;
 use tenantsync_core::wire::{self, Wire};
 use tenantsync_core::{Capture, TableSpec};
@@ -267,9 +268,16 @@ impl<'a> Common<'a> {
         let mut exprs = Vec::with_capacity(columns.len());
         let mut row_columns = Vec::with_capacity(columns.len());
         for c in columns {
-            let m = map_column(c)?;
+            let (m, row) = match spec.hash_columns.contains(&c.name) {
+                true => hashed(c),
+                false => {
+                    let m = map_column(c)?;
+                    let row = RowColumn::of(c, m.wire);
+                    (m, row)
+                }
+            };
             exprs.push(m.select_expr);
-            row_columns.push(RowColumn::of(c, m.wire));
+            row_columns.push(row);
             fields.push(m.field);
         }
         let deleted = match &spec.soft_delete_column {
@@ -304,23 +312,58 @@ impl<'a> Common<'a> {
     }
 }
 
+/// A hashed column (`--hash-column`): read as its text (any type has one), sent as the
+/// STRING column `<name>_hmac` once the worker has replaced the value by its keyed hash
+/// (`tenantsync_core::hashing`); the row's JSON carries it under its own name until then.
+fn hashed(c: &PgColumn) -> (MappedColumn, RowColumn) {
+    let m = MappedColumn {
+        field: BqField {
+            name: hashed_name(&c.name),
+            field_type: BqType::String,
+            mode: FieldMode::Nullable,
+        },
+        select_expr: format!("(t.{})::text", quote_pg(&c.name)),
+        wire: Wire::Text,
+    };
+    let mut row = RowColumn::of(c, Wire::Text);
+    row.array = false;
+    (m, row)
+}
+
 /// The column `name` in its `role` (key, cursor, …), or an error naming both.
 /// The source columns a plan reads: all but the spec's excluded ones. The key, cursor, tenant
 /// and soft-delete columns cannot be excluded (every read needs them). An excluded name the
 /// table no longer has is ignored: a dropped PII column must not stop the table.
 fn kept_columns(spec: &TableSpec, columns: &[PgColumn]) -> Result<Vec<PgColumn>> {
     let excluded = |name: &str| spec.exclude_columns.iter().any(|e| e == name);
+    let hashed = |name: &str| spec.hash_columns.iter().any(|e| e == name);
+    let table = format!("{}.{}", spec.source_schema, spec.source_table);
     let needed = spec
         .key_columns
         .iter()
         .chain([&spec.cursor_column, &spec.tenant_column])
         .chain(spec.soft_delete_column.as_ref());
     for c in needed {
-        if excluded(c) {
+        for (policy, applies) in [("excluded", excluded(c)), ("hashed", hashed(c))] {
+            if applies {
+                return Err(StoreError::Invalid(format!(
+                    "column {c:?} of {table} cannot be {policy}: it is the table's key, cursor, \
+                     tenant or soft-delete column"
+                )));
+            }
+        }
+    }
+    for h in &spec.hash_columns {
+        if excluded(h) {
             return Err(StoreError::Invalid(format!(
-                "column {c:?} of {}.{} cannot be excluded: it is the table's key, cursor, tenant \
-                 or soft-delete column",
-                spec.source_schema, spec.source_table
+                "column {h:?} of {table} cannot be both excluded and hashed"
+            )));
+        }
+        let name = hashed_name(h);
+        if columns.iter().any(|c| c.name == name) {
+            return Err(StoreError::Invalid(format!(
+                "column {h:?} of {table} cannot be hashed: its hash would be column {name:?}, \
+                 which the table already has"
             )));
         }
     }

@@ -35,6 +35,7 @@ fn plan(capture: Capture) -> SlicePlan {
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
         exclude_columns: Vec::new(),
+        hash_columns: Vec::new(),
     };
     let columns = [
         column("id", "int8", "bigint"),
@@ -114,6 +115,7 @@ fn spec(capture: Capture, keys: &[&str], cursor: &str, soft_delete: Option<&str>
         write_api: None,
         max_staleness_s: tenantsync_core::model::DEFAULT_MAX_STALENESS_S,
         exclude_columns: Vec::new(),
+        hash_columns: Vec::new(),
     }
 }
 

@@ -43,6 +43,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 soft_delete_column: None,
                 capture: Default::default(),
                 exclude_columns: Vec::new(),
+                hash_columns: Vec::new(),
             },
         )
         .await?;
@@ -69,6 +70,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 dataset: format!("ngo_{org}"),
                 location: Some(crate::config::default_location()?),
                 credentials: None,
+                impersonate: None,
             },
         )
         .await

@@ -93,6 +93,7 @@ async fn add(a: TablesAdd) -> Result<()> {
                 soft_delete_column: a.soft_delete,
                 capture: a.capture.parse().map_err(anyhow::Error::msg)?,
                 exclude_columns: a.exclude_column.clone(),
+                hash_columns: a.hash_column.clone(),
             },
         )
         .await?;
@@ -130,31 +131,40 @@ async fn add(a: TablesAdd) -> Result<()> {
 }
 
 async fn update(u: TablesUpdate) -> Result<()> {
-    if u.exclude_column.is_empty() && u.include_column.is_empty() {
+    let lists = [&u.exclude_column, &u.hash_column, &u.include_column];
+    if lists.iter().all(|l| l.is_empty()) {
         anyhow::bail!(
-            "tables update {}: nothing to change (--exclude-column C, --include-column C)",
+            "tables update {}: nothing to change (--exclude-column C, --hash-column C, --include-column C)",
             u.table
         );
     }
-    if let Some(c) = u
-        .exclude_column
-        .iter()
-        .find(|c| u.include_column.contains(c))
-    {
-        anyhow::bail!("column {c:?} is both excluded and included");
+    for (i, a) in lists.iter().enumerate() {
+        for b in &lists[i + 1..] {
+            if let Some(c) = a.iter().find(|c| b.contains(c)) {
+                anyhow::bail!("column {c:?} is given two policies at once");
+            }
+        }
     }
     let spec = admin_with_source()
         .await?
-        .update_exclusions(&cli_actor(), &u.table, &u.exclude_column, &u.include_column)
+        .update_policies(
+            &cli_actor(),
+            &u.table,
+            &u.exclude_column,
+            &u.hash_column,
+            &u.include_column,
+        )
         .await?;
+    let show = |l: &[String]| match l.is_empty() {
+        true => "none".to_string(),
+        false => l.join(","),
+    };
     println!(
-        "table {}.{}: excluded columns {}",
+        "table {}.{}: excluded columns {}; hashed columns {}",
         spec.source_schema,
         spec.source_table,
-        match spec.exclude_columns.is_empty() {
-            true => "none".to_string(),
-            false => spec.exclude_columns.join(","),
-        }
+        show(&spec.exclude_columns),
+        show(&spec.hash_columns)
     );
     Ok(())
 }

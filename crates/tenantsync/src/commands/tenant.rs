@@ -67,12 +67,7 @@ pub(crate) async fn run(cmd: TenantCmd) -> Result<ExitCode> {
                         t.bq_project.clone(),
                         t.bq_dataset.clone(),
                         t.status.to_string(),
-                        if t.has_credentials {
-                            "sealed"
-                        } else {
-                            "emulator"
-                        }
-                        .into(),
+                        key_kind(t, "emulator"),
                     ]
                 },
             )?;
@@ -118,6 +113,7 @@ async fn add(a: TenantAdd) -> Result<()> {
                     None => config::default_location()?,
                 }),
                 credentials,
+                impersonate: a.impersonate,
             },
         )
         .await?;
@@ -130,6 +126,16 @@ async fn add(a: TenantAdd) -> Result<()> {
         t.bq_location.as_deref().unwrap_or("?")
     );
     Ok(())
+}
+
+/// How the tenant authenticates, for listings: a sealed key, an impersonated account, or
+/// (emulator only) nothing.
+fn key_kind(t: &tenantsync_core::Tenant, none: &str) -> String {
+    match (&t.impersonate, t.has_credentials) {
+        (_, true) => "sealed".into(),
+        (Some(email), false) => format!("impersonates {email}"),
+        (None, false) => none.into(),
+    }
 }
 
 async fn show(slug: &str, json: bool) -> Result<()> {
@@ -147,11 +153,7 @@ async fn show(slug: &str, json: bool) -> Result<()> {
         t.bq_dataset,
         t.bq_location.as_deref().unwrap_or("location not recorded"),
         t.status,
-        if t.has_credentials {
-            "sealed"
-        } else {
-            "none (emulator)"
-        }
+        key_kind(t, "none (emulator)")
     );
     println!();
     print_tasks(false, &d.tables)

@@ -2,10 +2,14 @@
 //! the read horizon.
 
 use crate::{CachedPlan, Worker, WorkerError};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::time::Instant;
 use tenantsync_bigquery::{BigQuery, Credentials, StorageSink, WriteSink};
+use tenantsync_core::hashing::{ColumnHasher, HashKey};
 use tenantsync_core::names::{self, TableNames};
 use tenantsync_core::{TableSpec, Tenant, WriteApi};
 use tenantsync_store::SlicePlan;
@@ -28,6 +32,57 @@ impl Worker {
         self.client(tenant).await
     }
 
+    /// The hasher of the table's `--hash-column`s under the tenant's secret (made and sealed
+    /// the first time a table of the tenant needs one); None without hashed columns.
+    pub(crate) async fn hasher(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+    ) -> Result<Option<Arc<ColumnHasher>>, WorkerError> {
+        if spec.hash_columns.is_empty() {
+            return Ok(None);
+        }
+        let key = self.hash_key(tenant).await?;
+        Ok(Some(Arc::new(ColumnHasher::new(
+            key,
+            spec.hash_columns.clone(),
+        ))))
+    }
+
+    pub(crate) async fn hash_key(&self, tenant: &Tenant) -> Result<Arc<HashKey>, WorkerError> {
+        if let Some(k) = self.caches.hash_keys.lock().await.get(&tenant.id) {
+            return Ok(k.clone());
+        }
+        let master = &self.deps.master_key;
+        let sealed = self
+            .deps
+            .control
+            .hash_key(tenant.id, || {
+                // Sealed as base64 text: the envelope opens to a string.
+                let k = HashKey::generate();
+                master.seal(B64.encode(k.expose_bytes()).as_bytes(), tenant.id)
+            })
+            .await?;
+        let text = master.open(&sealed, tenant.id)?;
+        let bytes = B64
+            .decode(text.expose_secret())
+            .ok()
+            .and_then(|b| HashKey::from_bytes(&b))
+            .ok_or_else(|| {
+                WorkerError::Config(format!(
+                    "tenant {}'s hashing secret is not 32 bytes of base64",
+                    tenant.slug
+                ))
+            })?;
+        let key = Arc::new(bytes);
+        self.caches
+            .hash_keys
+            .lock()
+            .await
+            .insert(tenant.id, key.clone());
+        Ok(key)
+    }
+
     /// The tenant's client. The sealed key is read (one small query) and its nonce compared
     /// with the cached client's.
     pub(crate) async fn client(&self, tenant: &Tenant) -> Result<Arc<BigQuery>, WorkerError> {
@@ -35,6 +90,7 @@ impl Worker {
         // A new key, or a location recorded since (`tenant update --location`), is a new client.
         let mut version = sealed.as_ref().map(|s| s.nonce.clone()).unwrap_or_default();
         version.extend(tenant.bq_location.as_deref().unwrap_or_default().bytes());
+        version.extend(tenant.impersonate.as_deref().unwrap_or_default().bytes());
         let mut clients = self.caches.clients.lock().await;
         if let Some((v, c)) = clients.get(&tenant.id) {
             if *v == version {
@@ -44,6 +100,10 @@ impl Worker {
         let creds = match sealed {
             Some(sealed) => {
                 Credentials::ServiceAccount(self.deps.master_key.open(&sealed, tenant.id)?)
+            }
+            // A keyless tenant: the deployment's account impersonates its own.
+            None if tenant.impersonate.is_some() => {
+                Credentials::Impersonated(tenant.impersonate.clone().unwrap_or_default())
             }
             None if self.cfg.endpoint.emulator => Credentials::Emulator,
             None => {
@@ -169,8 +229,9 @@ impl Worker {
             .await?;
         let mut plan = SlicePlan::build(spec, &columns)?.with_catalog(fingerprint);
         // Storage Write tables: slice reads encode each row's message straight from the
-        // binary values (no JSON rendered, then parsed again in the sink).
-        if self.write_method(spec) == WriteApi::Storage {
+        // binary values (no JSON rendered, then parsed again in the sink). Not with hashed
+        // columns: the hash replaces a value in the row's JSON (the sink encodes the result).
+        if self.write_method(spec) == WriteApi::Storage && spec.hash_columns.is_empty() {
             plan = plan.with_proto(spec.mode == tenantsync_core::Mode::Cdc);
         }
         let plan = Arc::new(plan);

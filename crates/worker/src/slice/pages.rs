@@ -11,6 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tenantsync_bigquery::{Sink, WriteSink};
+use tenantsync_core::hashing::ColumnHasher;
 use tenantsync_core::{Mode, Payload, TableSpec, Tenant, WriteApi};
 use tenantsync_store::control::tasks::{Claim, Progress, Watermark};
 use tenantsync_store::{SlicePlan, SourceReader, SourceRow, StoreError};
@@ -41,6 +42,8 @@ struct Slice<'a> {
     deadline: Instant,
     lost: &'a CancellationToken,
     shutdown: &'a CancellationToken,
+    /// The table's `--hash-column`s under the tenant's secret.
+    hasher: Option<Arc<ColumnHasher>>,
 }
 
 impl<'a> Slice<'a> {
@@ -53,6 +56,7 @@ impl<'a> Slice<'a> {
             cdc: self.spec.mode == Mode::Cdc,
             horizon: self.horizon,
             want,
+            hasher: self.hasher.as_deref(),
         }
     }
 }
@@ -100,6 +104,7 @@ impl Worker {
         let plan = self.plan(spec).await?;
         self.ensure_schema(&sink, tenant, spec, &plan, claim)
             .await?;
+        let hasher = self.hasher(tenant, spec).await?;
         let limit = i64::from(spec.slice_rows);
         let now = Utc::now();
         let s = Slice {
@@ -120,6 +125,7 @@ impl Worker {
             deadline: t0 + self.cfg.slice_max_duration,
             lost,
             shutdown,
+            hasher,
         };
         let Some(p) = self.send_pages(&s, plan).await? else {
             return Ok(SliceRun::Crashed);
@@ -443,6 +449,7 @@ struct PageRead<'a> {
     cdc: bool,
     horizon: DateTime<Utc>,
     want: i64,
+    hasher: Option<&'a ColumnHasher>,
 }
 
 impl PageRead<'_> {
@@ -456,6 +463,7 @@ impl PageRead<'_> {
             synced_at: self.synced_at,
             synced_at_us: self.synced_at_us,
             cdc: self.cdc,
+            hasher: self.hasher,
         };
         let body = row_payload(&meta, &mut r, plan.proto.as_ref());
         (r, body)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use tenantsync_core::cdc::{self, ChangeType};
+use tenantsync_core::hashing::ColumnHasher;
 use tenantsync_core::insert_id::insert_id;
 use tenantsync_core::proto::{self, ProtoSchema};
 use tenantsync_core::Payload;
@@ -28,6 +29,9 @@ pub(crate) struct RowMeta<'a> {
     pub(crate) synced_at: &'a str,
     pub(crate) synced_at_us: i64,
     pub(crate) cdc: bool,
+    /// Hashed columns (`--hash-column`): their values are replaced before anything is built
+    /// from the row (its version id included), so no plain value leaves the worker.
+    pub(crate) hasher: Option<&'a ColumnHasher>,
 }
 
 /// The row as its sink takes it: its message with the metadata fields appended when the
@@ -40,7 +44,10 @@ pub(crate) fn row_payload(
     match (r.proto.take(), schema) {
         (Some(bytes), Some(schema)) => message_payload(m, r, bytes, schema),
         _ => {
-            let json = std::mem::take(&mut r.json);
+            let mut json = std::mem::take(&mut r.json);
+            if let Some(h) = m.hasher {
+                json = h.apply(&json);
+            }
             Payload::Json(payload_from(
                 m.tenant_id,
                 m.table,
@@ -80,19 +87,20 @@ fn message_payload(
 }
 
 /// `{"insertId":…,"json":{<row>,"_synced_at":…,"_batch_id":…,"_version_id":…}}`, spliced
-/// from the row's JSON object without parsing it.
+/// from the row's JSON object without parsing it (hashed columns replaced first).
 pub(crate) fn payload(
     tenant_id: i64,
     table: &str,
     r: &SourceRow,
     batch_id: &str,
     synced_at: &str,
+    hasher: Option<&ColumnHasher>,
 ) -> String {
     payload_from(
         tenant_id,
         table,
         r,
-        r.json.clone(),
+        hasher.map_or_else(|| r.json.clone(), |h| h.apply(&r.json)),
         batch_id,
         synced_at,
         false,
@@ -162,7 +170,14 @@ mod tests {
             op: "insert".into(),
             seq: None,
         };
-        let p = payload(1, "contacts", &r, "1-2-3", "2024-01-01T00:00:01.000000Z");
+        let p = payload(
+            1,
+            "contacts",
+            &r,
+            "1-2-3",
+            "2024-01-01T00:00:01.000000Z",
+            None,
+        );
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         assert_eq!(v["json"]["name"], "a}b");
         assert_eq!(v["json"]["_batch_id"], "1-2-3");
@@ -250,6 +265,7 @@ mod tests {
                 synced_at: "2024-01-01T00:00:01.000000Z",
                 synced_at_us: 1_704_067_201_000_000,
                 cdc,
+                hasher: None,
             };
             let p = row_payload(&m, &mut r, Some(&schema));
             assert!(r.proto.is_none(), "the message moves into the payload");
@@ -279,6 +295,7 @@ mod tests {
             synced_at: "2024-01-01T00:00:00Z",
             synced_at_us: 0,
             cdc: false,
+            hasher: None,
         };
         assert!(matches!(row_payload(&m, &mut r, None), Payload::Json(_)));
     }

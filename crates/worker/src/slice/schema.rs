@@ -16,6 +16,7 @@ pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDe
         mode: spec.mode,
         max_staleness_s: spec.max_staleness_s,
         excluded: &spec.exclude_columns,
+        hashed: &spec.hash_columns,
     }
 }
 

@@ -207,7 +207,7 @@ pub(crate) fn rows(
         .collect();
     let payloads = rows
         .iter()
-        .map(|r| payload(1, "t", r, "1-1-1", "2024-01-01T00:00:00.000000Z").into())
+        .map(|r| payload(1, "t", r, "1-1-1", "2024-01-01T00:00:00.000000Z", None).into())
         .collect();
     (rows, payloads)
 }
