@@ -49,6 +49,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "config": {"log": "tenantsync=debug,info", "logFormat": "text", "leaseTtlMs": 15000,
                    "bigqueryEmulatorHost": "http://bigquery-emulator:9050"},
         "extraEnv": [{"name": "TENANTSYNC_MAX_ATTEMPTS", "value": "8"}],
+        "impersonator": {"secretName": "tenantsync-deploy-key"},
         "metrics": {"port": 9100},
         "shutdown": {"graceSeconds": 55, "marginSeconds": 20},
         "coordinator": {
@@ -276,6 +277,28 @@ def test_worker_settings_reach_the_environment(render):
     default_env = env_of(container(render({}).deployment("worker")))
     for name in ("TENANTSYNC_CONCURRENCY", "TENANTSYNC_LEASE_TTL_MS", "BIGQUERY_EMULATOR_HOST"):
         assert name not in default_env
+
+
+def test_impersonator_key_is_mounted_from_its_secret_only_when_named(render):
+    r = render({"impersonator": {"secretName": "tenantsync-deploy-key", "key": "sa.json",
+                                 "iamCredentialsUrl": "https://iam.example"}})
+    for role in ("coordinator", "worker"):
+        d = r.deployment(role)
+        c = container(d)
+        env = env_of(c)
+        path = "/var/run/secrets/tenantsync/impersonator/sa.json"
+        assert env["TENANTSYNC_IMPERSONATOR_KEY_FILE"]["value"] == path
+        assert env["TENANTSYNC_IAM_CREDENTIALS_URL"]["value"] == "https://iam.example"
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["impersonator"]["readOnly"] is True
+        assert path.startswith(mounts["impersonator"]["mountPath"])
+        volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes["impersonator"]["secret"]
+        assert secret["secretName"] == "tenantsync-deploy-key"
+        assert secret["items"] == [{"key": "sa.json", "path": "sa.json"}]
+    d = render({}).deployment("worker")
+    assert "TENANTSYNC_IMPERSONATOR_KEY_FILE" not in env_of(container(d))
+    assert all(v["name"] != "impersonator" for v in d["spec"]["template"]["spec"]["volumes"])
 
 
 def test_image_reference(render):

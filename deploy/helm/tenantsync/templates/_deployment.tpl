@@ -74,11 +74,26 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- if $ctx.Values.impersonator.secretName }}
+            - name: impersonator
+              mountPath: /var/run/secrets/tenantsync/impersonator
+              readOnly: true
+            {{- end }}
       volumes:
         # The root filesystem is read-only; this is the one writable place.
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if $ctx.Values.impersonator.secretName }}
+        # The deployment's own key, for keyless tenants (TENANTSYNC_IMPERSONATOR_KEY_FILE).
+        - name: impersonator
+          secret:
+            secretName: {{ $ctx.Values.impersonator.secretName | quote }}
+            items:
+              - key: {{ $ctx.Values.impersonator.key | quote }}
+                path: {{ $ctx.Values.impersonator.key | quote }}
+            defaultMode: 0400
+        {{- end }}
       {{- with $role.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}

@@ -102,6 +102,14 @@ Call with (dict "ctx" $ "env" "DATABASE_URL" "ref" .Values.secrets.databaseUrl).
 - name: BIGQUERY_EMULATOR_HOST
   value: {{ .Values.config.bigqueryEmulatorHost | quote }}
 {{- end }}
+{{- if .Values.impersonator.secretName }}
+- name: TENANTSYNC_IMPERSONATOR_KEY_FILE
+  value: {{ printf "/var/run/secrets/tenantsync/impersonator/%s" .Values.impersonator.key | quote }}
+{{- end }}
+{{- if .Values.impersonator.iamCredentialsUrl }}
+- name: TENANTSYNC_IAM_CREDENTIALS_URL
+  value: {{ .Values.impersonator.iamCredentialsUrl | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
