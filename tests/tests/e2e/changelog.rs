@@ -351,9 +351,14 @@ async fn final_rows(bq: &tenantsync_bigquery::BigQuery, from: &str) -> Vec<Vec<S
 }
 
 async fn pg_people(env: &TestEnv) -> Vec<Vec<String>> {
+    pg_people_of(env, 1).await
+}
+
+async fn pg_people_of(env: &TestEnv, org: i64) -> Vec<Vec<String>> {
     sqlx::query_as::<_, (i64, Option<String>, Option<String>, Option<i32>)>(
-        "SELECT id, name, phone, score FROM people WHERE organization_id = 1 ORDER BY id",
+        "SELECT id, name, phone, score FROM people WHERE organization_id = $1 ORDER BY id",
     )
+    .bind(org)
     .fetch_all(env.source_pool())
     .await
     .unwrap()
@@ -554,5 +559,118 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
         final_rows(&bq, &bq.qualified("people_final")).await,
         expected
     );
+    env.cleanup().await.unwrap();
+}
+
+/// Partial updates of one column each, inserts with columns missing, hard deletes, and moving
+/// a row to another tenant (a delete there and a full insert here).
+fn pick_partial(rng: &mut rand::rngs::StdRng) -> String {
+    let row = "(SELECT id FROM people WHERE organization_id = $1 ORDER BY random() LIMIT 1)";
+    match rng.gen_range(0..20) {
+        0..=4 => {
+            "INSERT INTO people (organization_id, name, score) VALUES ($1, 'n' || $2, $2)".into()
+        }
+        5..=7 => format!("UPDATE people SET name = 'u' || $2 WHERE id = {row}"),
+        8..=10 => format!("UPDATE people SET phone = 'p' || $2 WHERE id = {row}"),
+        11..=13 => format!("UPDATE people SET score = $2 WHERE id = {row}"),
+        14..=17 => format!("DELETE FROM people WHERE id = {row} AND $2 >= 0"),
+        _ => format!("UPDATE people SET organization_id = 1 + $1 % 4, score = $2 WHERE id = {row}"),
+    }
+}
+
+/// Merge mode under the random-interleavings harness: four tenants' writers commit partial
+/// changes (some rolled back) while `tenantsync run` syncs and merges every second with a
+/// read-back of seconds, so cutoffs move and `<t>_current` folds mid-run. After a last merge,
+/// each tenant's `people_final` equals Postgres and the fold of all its versions from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merge_mode_under_random_interleavings_ends_equal_to_postgres() {
+    use tenantsync_bigquery::final_merge::{fold_sql, value_columns};
+    use tenantsync_bigquery::schema::committed_between;
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE people (id bigserial PRIMARY KEY, organization_id bigint NOT NULL,
+                              name text, phone text, score int);
+         INSERT INTO people (organization_id, name, phone, score)
+           SELECT 1 + g % 4, 'n' || g, 'p' || g, g FROM generate_series(1, 200) g;",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let (ok, out) = env.cli(&["source", "install-changelog", "people", "--changed-only"]);
+    assert!(ok, "{out}");
+    let (ok, out) = env.cli(&[
+        "tables",
+        "add",
+        "people",
+        "--capture",
+        "changelog",
+        "--mode",
+        "merge",
+    ]);
+    assert!(ok, "{out}");
+    let mut tenants = Vec::new();
+    for o in TENANTS {
+        tenants.push(env.add_tenant(&format!("org-{o}"), o).await.unwrap());
+    }
+    let read_back = [
+        ("TENANTSYNC_MERGE_EVERY_S", "1"),
+        ("TENANTSYNC_SETTLE_S", "5"),
+        ("TENANTSYNC_SLICE_MAX_MS", "2000"),
+        ("TENANTSYNC_CLOCK_SKEW_S", "0"),
+    ];
+    let ops = tenantsync_tests::interleave::sync_while_writing_with(
+        &env,
+        &TENANTS,
+        1616,
+        pick_partial,
+        Duration::from_secs(120),
+        &read_back,
+    )
+    .await
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("tstest-{}-run.log", env.id));
+    let logs = std::fs::read_to_string(log).unwrap_or_default();
+    let mid_run = logs.matches("merged partial versions into _final").count();
+    assert!(
+        mid_run >= TENANTS.len(),
+        "only {mid_run} merges during the run"
+    );
+
+    // The last changes reach `_final` with one more merge (the run stopped between turns).
+    let spec = env.control.tables().await.unwrap().remove(0);
+    let mut cfg = env.worker_config();
+    cfg.settle_window = Duration::from_secs(5);
+    cfg.slice_max_duration = Duration::from_secs(2);
+    cfg.clock_skew = Duration::ZERO;
+    let worker = env.worker_with(cfg, Arc::new(NoHooks));
+    let keys = vec!["id".to_string()];
+    let values = value_columns(
+        &["id", "organization_id", "name", "phone", "score"].map(String::from),
+        &keys,
+    );
+    let mut cutoffs = 0;
+    for (t, org) in tenants.iter().zip(TENANTS) {
+        let merged = worker.merge(t, &spec).await.unwrap();
+        cutoffs += usize::from(merged.read_since.is_some());
+        let bq = env.bq(t).await.unwrap();
+        let pg = pg_people_of(&env, org).await;
+        let from_scratch = format!(
+            "({}) WHERE _op != 'delete'",
+            fold_sql(
+                &keys,
+                &values,
+                &committed_between(&bq, "people", None, None)
+            )
+        );
+        assert_eq!(
+            final_rows(&bq, &bq.qualified("people_final")).await,
+            pg,
+            "{}: people_final differs from Postgres",
+            t.slug
+        );
+        assert_eq!(final_rows(&bq, &from_scratch).await, pg, "{}", t.slug);
+    }
+    assert_eq!(cutoffs, TENANTS.len(), "every tenant merged from a cutoff");
+    println!("{ops} random operations, {mid_run} merges mid-run: people_final equals Postgres");
     env.cleanup().await.unwrap();
 }
