@@ -371,3 +371,65 @@ fn first_i64(rows: &[Vec<serde_json::Value>]) -> Result<i64, BqError> {
     cell.and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
         .ok_or_else(|| BqError::Transient(format!("a COUNT(*) returned {rows:?}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Credentials, Endpoint};
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|c| c.to_string()).collect()
+    }
+
+    #[test]
+    fn value_columns_are_neither_keys_nor_metadata() {
+        let cols = s(&["id", "name", "_op", "_source_ts", "score", "_batch_id"]);
+        assert_eq!(value_columns(&cols, &s(&["id"])), s(&["name", "score"]));
+    }
+
+    #[test]
+    fn a_newer_fold_replaces_columns_only_after_an_insert_or_delete() {
+        let e = extend("F", "N", &s(&["name"]));
+        assert!(
+            e[0].starts_with("CASE WHEN N._op IS NULL THEN F.`name`"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].contains("WHEN N._reset IS NOT NULL OR F._op IS NULL THEN N.`name`"));
+        assert!(e[0].contains("ELSE COALESCE(N.`name`, F.`name`)"));
+        assert!(e
+            .iter()
+            .any(|c| c == "COALESCE(N._reset, F._reset) AS _reset"));
+    }
+
+    #[tokio::test]
+    async fn each_merge_reads_only_its_range_and_leaves_out_of_order_keys() {
+        let client = BigQuery::new(
+            &Endpoint::emulator("127.0.0.1:9"),
+            "p",
+            "d",
+            &Credentials::Emulator,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let (since, until) = (
+            DateTime::from_timestamp(1_000, 0).unwrap(),
+            DateTime::from_timestamp(2_000, 0).unwrap(),
+        );
+        let cols = s(&["id", "v", "_op", "_source_ts", "_synced_at", "_version_id"]);
+        let sql = fold_in_sql(&client, "t", &s(&["id"]), &cols, Some(since), until);
+        // The range is bounded on both sides, on the partitioning column.
+        assert!(sql.contains("_synced_at >= TIMESTAMP('1970-01-01T00:16:40.000000Z')"));
+        assert!(sql.contains("_synced_at < TIMESTAMP('1970-01-01T00:33:20.000000Z')"));
+        // Keys with a version not newer than their fold are left for the refold.
+        assert!(
+            sql.contains("WHERE NOT (v._source_ts > F2._source_ts"),
+            "{sql}"
+        );
+        assert!(sql.contains("WHERE L.`id` IS NULL"));
+        // The refold is the one statement without a lower bound.
+        let refold = refold_sql(&client, "t", &s(&["id"]), &cols, Some(since), until);
+        assert!(refold.contains("(SELECT * FROM `p.d.t` WHERE _synced_at < TIMESTAMP("));
+    }
+}
