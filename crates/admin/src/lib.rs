@@ -344,23 +344,21 @@ impl Admin {
     }
 
     async fn client(&self, t: &Tenant) -> Result<BigQuery> {
-        let creds = match self.control.credentials(t.id).await? {
-            Some(sealed) => Credentials::ServiceAccount(
+        let key = match self.control.credentials(t.id).await? {
+            Some(sealed) => Some(
                 self.master_key()?
                     .open(&sealed, t.id)
                     .map_err(|e| AdminError::Unavailable(e.to_string()))?,
             ),
-            None => match &t.impersonate {
-                Some(email) => Credentials::Impersonated(email.clone()),
-                None if self.endpoint.emulator => Credentials::Emulator,
-                None => {
-                    return Err(AdminError::Invalid(format!(
-                        "tenant {} has no stored key; cannot reach its dataset",
-                        t.slug
-                    )))
-                }
-            },
+            None => None,
         };
+        let creds = Credentials::of_tenant(key, t.impersonate.as_deref(), self.endpoint.emulator)
+            .ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "tenant {} has no stored key; cannot reach its dataset",
+                t.slug
+            ))
+        })?;
         BigQuery::new(
             &self.endpoint,
             &t.bq_project,
@@ -413,10 +411,10 @@ impl Admin {
         Ok(())
     }
 
-    /// Re-seal every credential (and hashing secret) under the current master key. Safe while workers sync: each
-    /// row is replaced only if it still holds what was read (a concurrent `rotate-credentials`
-    /// wins), and workers configured with the old key among `TENANTSYNC_MASTER_KEYS_OLD` open
-    /// either version.
+    /// Re-seal every credential and hashing secret under the current master key. Safe while
+    /// workers sync: each row is replaced only if it still holds what was read (a concurrent
+    /// `rotate-credentials` wins), and workers configured with the old key among
+    /// `TENANTSYNC_MASTER_KEYS_OLD` open either version.
     pub async fn rotate_master_key(&self, actor: &str) -> Result<KeyRotation> {
         let key = self.master_key()?;
         let mut r = KeyRotation {

@@ -169,15 +169,9 @@ impl Admin {
         apply(&mut spec.hash_columns, hash, &[exclude]);
         onboard::check_table_policies(self.source()?, &spec, &before).await?;
         // Values leave open dead letters if they are now excluded or hashed.
-        let plain: Vec<String> = spec
-            .exclude_columns
-            .iter()
-            .chain(&spec.hash_columns)
-            .cloned()
-            .collect();
         let scrubbed = self
             .control
-            .set_column_policies(spec.id, &spec.exclude_columns, &spec.hash_columns, &plain)
+            .set_column_policies(spec.id, &spec.exclude_columns, &spec.hash_columns)
             .await?;
         self.audit(
             actor,

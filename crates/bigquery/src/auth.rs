@@ -137,6 +137,22 @@ pub enum Credentials {
     Impersonated(String),
 }
 
+impl Credentials {
+    /// How a tenant authenticates: its opened key, else the account it impersonates, else
+    /// (against the emulator only) nothing. None: it has no way to reach BigQuery.
+    pub fn of_tenant(
+        key: Option<SecretString>,
+        impersonate: Option<&str>,
+        emulator: bool,
+    ) -> Option<Self> {
+        match (key, impersonate) {
+            (Some(key), _) => Some(Self::ServiceAccount(key)),
+            (None, Some(email)) => Some(Self::Impersonated(email.to_string())),
+            (None, None) => emulator.then_some(Self::Emulator),
+        }
+    }
+}
+
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -593,6 +609,22 @@ mod tests {
         )
         .await;
         assert_eq!(again.unwrap().unwrap(), "tok-0");
+    }
+
+    #[test]
+    fn a_stored_key_wins_then_impersonation_then_only_the_emulator_goes_without() {
+        let key = || Some(SecretString::from("{}".to_string()));
+        let email = "a@p.iam.gserviceaccount.com";
+        let of = Credentials::of_tenant;
+        assert!(matches!(
+            of(key(), Some(email), false),
+            Some(Credentials::ServiceAccount(_))
+        ));
+        assert!(
+            matches!(of(None, Some(email), true), Some(Credentials::Impersonated(e)) if e == email)
+        );
+        assert!(matches!(of(None, None, true), Some(Credentials::Emulator)));
+        assert!(of(None, None, false).is_none());
     }
 
     #[test]

@@ -79,13 +79,13 @@ impl Endpoint {
         self
     }
 
-    /// The same endpoint with another token endpoint policy.
     /// Impersonate tenants' accounts (`tenant add --impersonate`) as this one.
     pub fn with_impersonator(mut self, by: Option<Arc<crate::Impersonator>>) -> Self {
         self.impersonator = by;
         self
     }
 
+    /// The same endpoint with another token endpoint policy.
     pub fn with_token_uri_policy(mut self, policy: TokenUriPolicy) -> Self {
         self.token_uri_policy = policy;
         self

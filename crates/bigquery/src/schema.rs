@@ -399,19 +399,17 @@ pub fn final_fields(source: &[BqField]) -> Vec<BqField> {
 /// Drop the `excluded` columns `table` has, if it exists: a column an operator excluded
 /// after it was synced leaves the table, `<table>_current` and `<table>_final` (BigQuery
 /// keeps dropped data for its time-travel window, 7 days by default, then it is gone).
-/// Returns the columns dropped.
 pub async fn drop_excluded(
     client: &BigQuery,
     table: &str,
     excluded: &[String],
-) -> Result<Vec<String>, BqError> {
+) -> Result<(), BqError> {
     if excluded.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let Some(existing) = client.table_schema(table).await? else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let mut dropped = Vec::new();
     for f in &existing {
         let Some(name) = f["name"].as_str() else {
             continue;
@@ -422,10 +420,9 @@ pub async fn drop_excluded(
                 client.qualified(table)
             );
             client.query(&ddl).await?;
-            dropped.push(name.to_string());
         }
     }
-    Ok(dropped)
+    Ok(())
 }
 
 /// What `sync_table` did.

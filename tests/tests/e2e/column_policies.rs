@@ -101,6 +101,16 @@ async fn an_excluded_column_appears_in_no_table_view_dead_letter_or_log() {
     env.cleanup().await.unwrap();
 }
 
+/// The columns of a BigQuery table that must exist.
+async fn column_names(bq: &tenantsync_bigquery::BigQuery, table: &str) -> Vec<String> {
+    let schema = bq.table_schema(table).await.unwrap();
+    let schema = schema.unwrap_or_else(|| panic!("no table {table}"));
+    schema
+        .iter()
+        .filter_map(|f| f["name"].as_str().map(String::from))
+        .collect()
+}
+
 /// `tables update --exclude-column` on a table already synced: the column leaves every
 /// tenant's versions table, `<t>_current` and `<t>_latest` at the next slice, open dead
 /// letters lose its values at once, later slices never send it, and `verify` agrees.
@@ -125,16 +135,7 @@ async fn excluding_a_synced_column_drops_it_everywhere() {
     let (ok, out) = env.cli_with(&["run", "--once"], &[("TENANTSYNC_COMPACT_EVERY_S", "0")]);
     assert!(ok, "{out}");
     let bq = env.bq(&tenant).await.unwrap();
-    let columns = |table: &'static str| {
-        let bq = bq.clone();
-        async move {
-            let schema = bq.table_schema(table).await.unwrap().unwrap_or_default();
-            schema
-                .iter()
-                .filter_map(|f| f["name"].as_str().map(String::from))
-                .collect::<Vec<_>>()
-        }
-    };
+    let columns = |table: &'static str| column_names(&bq, table);
     // Synced with the column, as registered; the merge made `people_current`.
     assert!(columns("people").await.contains(&"email".to_string()));
     assert!(columns("people_current")
@@ -316,14 +317,7 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
     assert_eq!(people2, [k2.hmac_hex(SHARED)]);
     assert_ne!(people1[0], people2[0]);
     for bq in [&bq1, &bq2] {
-        let names: Vec<String> = bq
-            .table_schema("people")
-            .await
-            .unwrap()
-            .unwrap()
-            .iter()
-            .filter_map(|f| f["name"].as_str().map(String::from))
-            .collect();
+        let names = column_names(bq, "people").await;
         assert!(
             names.contains(&"email_hmac".into()) && !names.contains(&"email".into()),
             "{names:?}"

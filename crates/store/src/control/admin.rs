@@ -54,7 +54,6 @@ pub struct TaskRate {
     pub rows_per_s: Option<f64>,
 }
 
-/// A sealed credential with the tenant it belongs to.
 /// The tables holding secrets sealed with the master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealedTable {
@@ -73,6 +72,7 @@ impl SealedTable {
     }
 }
 
+/// A sealed credential with the tenant it belongs to.
 #[derive(Debug, Clone)]
 pub struct StoredCredential {
     pub tenant_id: i64,

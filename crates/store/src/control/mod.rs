@@ -494,17 +494,16 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Replace a table's excluded and hashed columns, and remove the `plain` columns' values
-    /// from its dead letters' rows: an excluded or hashed value must not stay in the control
-    /// database either (`dlq retry` then sends the row without it). Returns the dead letters
-    /// changed.
+    /// Replace a table's excluded and hashed columns, and remove both kinds' values from its
+    /// dead letters' rows: an excluded or hashed value must not stay in the control database
+    /// either (`dlq retry` then sends the row without it). Returns the dead letters changed.
     pub async fn set_column_policies(
         &self,
         table_id: i64,
         exclude: &[String],
         hash: &[String],
-        plain: &[String],
     ) -> Result<u64> {
+        let plain: Vec<&String> = exclude.iter().chain(hash).collect();
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE table_specs SET exclude_columns = $2, hash_columns = $3 WHERE id = $1")
             .bind(table_id)
@@ -519,7 +518,7 @@ impl ControlPlane {
               WHERE table_id = $1 AND payload <> '' AND (payload::jsonb -> 'json') ?| $2::text[]",
         )
         .bind(table_id)
-        .bind(plain)
+        .bind(&plain)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -97,22 +97,17 @@ impl Worker {
                 return Ok(c.clone());
             }
         }
-        let creds = match sealed {
-            Some(sealed) => {
-                Credentials::ServiceAccount(self.deps.master_key.open(&sealed, tenant.id)?)
-            }
-            // A keyless tenant: the deployment's account impersonates its own.
-            None if tenant.impersonate.is_some() => {
-                Credentials::Impersonated(tenant.impersonate.clone().unwrap_or_default())
-            }
-            None if self.cfg.endpoint.emulator => Credentials::Emulator,
-            None => {
-                return Err(WorkerError::Config(format!(
+        let key = sealed
+            .map(|s| self.deps.master_key.open(&s, tenant.id))
+            .transpose()?;
+        let emulator = self.cfg.endpoint.emulator;
+        let creds = Credentials::of_tenant(key, tenant.impersonate.as_deref(), emulator)
+            .ok_or_else(|| {
+                WorkerError::Config(format!(
                     "tenant {} has no credentials and BIGQUERY_EMULATOR_HOST is not set",
                     tenant.slug
-                )))
-            }
-        };
+                ))
+            })?;
         let c = Arc::new(
             BigQuery::new(
                 &self.cfg.endpoint,
