@@ -2,9 +2,11 @@
 
 use crate::auth::{Credentials, TokenSource, TokenUriPolicy};
 use crate::error::BqError;
+use crate::listings::{ensure_listings, listed_before, listings_table};
 use crate::schema::{
-    batches_fields, batches_layout, current_table, drop_excluded, final_fields, full_view_sql,
-    sync_fields, sync_fields_with, table_fields, versions_layout, SchemaChange, BATCHES_TABLE,
+    current_table, drop_excluded, final_fields, full_view_sql, latest_view_sql, merge_point,
+    read_from, sync_current, sync_fields, sync_fields_with, table_fields, versions_layout,
+    SchemaChange,
 };
 use crate::sink::{Sink, TableDef};
 use chrono::{SecondsFormat, Utc};
@@ -273,7 +275,7 @@ impl BigQuery {
     }
 
     /// The table's resource, or None when it does not exist.
-    async fn table_resource(&self, table: &str) -> Result<Option<Value>, BqError> {
+    pub async fn table_resource(&self, table: &str) -> Result<Option<Value>, BqError> {
         let path = format!("{}/tables/{table}", self.ds_path());
         match self.call(Method::GET, &path, None).await {
             Ok(v) => Ok(Some(v)),
@@ -360,33 +362,14 @@ impl BigQuery {
             .await
     }
 
-    /// Create a view, or replace its query when it exists.
+    /// Create a view, or replace its query when it exists: one DDL statement, atomic on
+    /// BigQuery (a dashboard never finds the view missing). Not tables.insert then
+    /// tables.patch: the local BigQuery's patch changes only the stored resource, and the view
+    /// kept answering with its first query (measured: a narrowed `_latest` still read every
+    /// version; docs/emulator-notes.md).
     pub async fn put_view(&self, name: &str, sql: &str) -> Result<(), BqError> {
-        let body = json!({
-            "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": name},
-            "view": {"query": sql, "useLegacySql": false},
-        });
-        match self
-            .call(
-                Method::POST,
-                &format!("{}/tables", self.ds_path()),
-                Some(body.to_string().into_bytes()),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(BqError::AlreadyExists(_)) => {
-                let patch = json!({"view": {"query": sql, "useLegacySql": false}});
-                self.call(
-                    Method::PATCH,
-                    &format!("{}/tables/{name}", self.ds_path()),
-                    Some(patch.to_string().into_bytes()),
-                )
-                .await
-                .map(|_| ())
-            }
-            Err(e) => Err(e),
-        }
+        let ddl = format!("CREATE OR REPLACE VIEW {} AS {sql}", self.qualified(name));
+        self.query(&ddl).await.map(|_| ())
     }
 
     /// insertAll with rows already serialized as `{"insertId":…,"json":{…}}`. The body is
@@ -525,8 +508,7 @@ impl Sink for BigQuery {
             )
             .await;
         }
-        self.create_table_with(BATCHES_TABLE, &batches_fields(), &batches_layout())
-            .await?;
+        ensure_listings(self, def.table).await?;
         let change = sync_fields_with(
             self,
             def.table,
@@ -543,11 +525,9 @@ impl Sink for BigQuery {
             )
             .await?;
         } else {
-            // Every version until the next merge into `<table>_current` (which also brings
-            // that table's columns along) narrows it again.
             self.put_view(
                 &format!("{}_latest", def.table),
-                &full_view_sql(self, def.table, def.keys),
+                &self.latest_view_now(def).await?,
             )
             .await?;
         }
@@ -584,12 +564,30 @@ impl Sink for BigQuery {
             .enumerate()
             .map(|(i, id)| {
                 json!({"insertId": id, "json": {
-                    "batch_id": id, "table_name": table, "committed_at": now,
+                    "batch_id": id, "committed_at": now,
                     "rows": (i + 1 == batch_ids.len()).then_some(rows)}})
                 .to_string()
             })
             .collect();
         let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
-        self.insert_all(BATCHES_TABLE, &refs).await
+        self.insert_all(&listings_table(table), &refs).await
+    }
+}
+
+impl BigQuery {
+    /// `<table>_latest` after a schema change or a new release's views: narrowed to the last
+    /// merge point when `<table>_current` has one (its columns brought along first, so the
+    /// view can name them), else every version. Old listings may be pruned, so falling back
+    /// to every version would read below the listing point for nothing.
+    async fn latest_view_now(&self, def: &TableDef<'_>) -> Result<String, BqError> {
+        if let Some(point) = merge_point(self, def.table).await? {
+            let (cols, created) = sync_current(self, def.table, def.keys, &[]).await?;
+            if !created {
+                let since = Some(read_from(point, def.read_back));
+                return Ok(latest_view_sql(self, def.table, def.keys, &cols, since));
+            }
+        }
+        let listed = listed_before(self, def.table).await?;
+        Ok(full_view_sql(self, def.table, def.keys, listed))
     }
 }

@@ -19,9 +19,9 @@
 
 use crate::client::BigQuery;
 use crate::error::BqError;
+use crate::listings::committed_between;
 use crate::schema::{
-    committed_between, current_table, newer, newest_per_key, quoted, read_from, sync_current,
-    NEWEST_FIRST,
+    current_table, newer, newest_per_key, quoted, read_from, sync_current, NEWEST_FIRST,
 };
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -148,7 +148,7 @@ pub fn fold_in_sql(
     since: Option<DateTime<Utc>>,
     until: DateTime<Utc>,
 ) -> String {
-    let range = committed_between(client, table, since, Some(until));
+    let range = committed_between(client, table, since, Some(until), None);
     let state = client.qualified(&current_table(table));
     let values = value_columns(cols, keys);
     let source = format!(
@@ -180,7 +180,7 @@ fn stale_keys(
     since: Option<DateTime<Utc>>,
     until: DateTime<Utc>,
 ) -> String {
-    let range = committed_between(client, table, since, Some(until));
+    let range = committed_between(client, table, since, Some(until), None);
     format!(
         "SELECT {nk} FROM ({newest}) N LEFT JOIN {state} F ON {nf} \
          WHERE F._op IS NULL OR NOT (F._source_ts = N._source_ts AND \
@@ -216,7 +216,7 @@ pub fn refold_sql(
     since: Option<DateTime<Utc>>,
     until: DateTime<Utc>,
 ) -> String {
-    let all = committed_between(client, table, None, Some(until));
+    let all = committed_between(client, table, None, Some(until), None);
     let from = format!(
         "(SELECT v.* FROM {all} v JOIN ({stale}) K ON {vk})",
         stale = stale_keys(client, table, keys, since, until),
@@ -239,7 +239,7 @@ pub fn final_merge_sql(
     cutoff: DateTime<Utc>,
 ) -> String {
     let state = client.qualified(&current_table(table));
-    let recent = committed_between(client, table, Some(cutoff), None);
+    let recent = committed_between(client, table, Some(cutoff), None, None);
     let newer_only = format!(
         "(SELECT v.* FROM {recent} v LEFT JOIN {state} C2 ON {vc} \
           WHERE C2._op IS NULL OR {newer})",
@@ -257,7 +257,7 @@ pub fn final_merge_sql(
         kk = prefixed("K", keys),
         vals = ext[..values.len()].join(", "),
         keys = quoted(keys),
-        touched = committed_between(client, table, since, None),
+        touched = committed_between(client, table, since, None, None),
         kc = join_on("K", "C", keys),
         fold = fold_sql(keys, values, &newer_only),
         kn = join_on("K", "N", keys),

@@ -5,6 +5,7 @@ pub mod client;
 pub mod error;
 pub mod final_merge;
 pub mod impersonation;
+pub mod listings;
 pub mod schema;
 pub mod sink;
 pub mod storage;

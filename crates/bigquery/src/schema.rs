@@ -2,6 +2,7 @@
 
 use crate::client::BigQuery;
 use crate::error::BqError;
+use crate::listings::{committed_between, listed_before};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::Duration;
@@ -12,25 +13,6 @@ pub fn table_fields(source: &[BqField]) -> Vec<BqField> {
     let mut f = source.to_vec();
     f.extend(metadata_fields());
     f
-}
-
-/// The dataset's list of committed batches: a row's `_batch_id` must be listed here for the
-/// views to show it, so a slice that wrote half its chunks and then died stays invisible.
-/// The name is reserved in `tenantsync_core::names`, so no source table can take it.
-pub const BATCHES_TABLE: &str = tenantsync_core::names::BATCHES_TABLE;
-
-pub fn batches_fields() -> Vec<BqField> {
-    let f = |name: &str, t, mode| BqField {
-        name: name.to_string(),
-        field_type: t,
-        mode,
-    };
-    vec![
-        f("batch_id", BqType::String, FieldMode::Required),
-        f("table_name", BqType::String, FieldMode::Required),
-        f("committed_at", BqType::Timestamp, FieldMode::Required),
-        f("rows", BqType::Int64, FieldMode::Nullable),
-    ]
 }
 
 /// How long after its rows were written (`_synced_at`, the slice's start) a batch may still
@@ -57,42 +39,9 @@ pub(crate) fn ts_literal(t: DateTime<Utc>) -> String {
     )
 }
 
-/// The versions of committed batches, as a subquery: insertAll batches once listed in
-/// `_sync_batches`, Storage Write batches (ids starting with
-/// [`tenantsync_core::names::STORAGE_BATCH_PREFIX`]) as they are: their rows exist only once
-/// their pending stream was committed. With `since`, only versions synced from then on: the
-/// filter is on the partitioning (and first clustering) column, so BigQuery reads only those.
-///
-/// Only the table's own listings are read (`_sync_batches` is clustered by table), and with
-/// `since` only those committed from then on: a batch is listed after its rows are written.
+/// [`committed_between`] from `since` on, with no listing point (readers from a merge point).
 fn committed(client: &BigQuery, table: &str, since: Option<DateTime<Utc>>) -> String {
-    committed_between(client, table, since, None)
-}
-
-/// [`committed`], and with `until` only the versions synced before then.
-pub fn committed_between(
-    client: &BigQuery,
-    table: &str,
-    since: Option<DateTime<Utc>>,
-    until: Option<DateTime<Utc>>,
-) -> String {
-    let (mut recent, listed) = match since {
-        Some(t) => (
-            format!("_synced_at >= {} AND ", ts_literal(t)),
-            format!(" AND committed_at >= {}", ts_literal(t)),
-        ),
-        None => Default::default(),
-    };
-    if let Some(t) = until {
-        recent.push_str(&format!("_synced_at < {} AND ", ts_literal(t)));
-    }
-    format!(
-        "(SELECT * FROM {} WHERE {recent}(_batch_id IN (SELECT batch_id FROM {} \
-         WHERE table_name = '{table}'{listed}) OR _batch_id LIKE '{}%'))",
-        client.qualified(table),
-        client.qualified(BATCHES_TABLE),
-        tenantsync_core::names::STORAGE_BATCH_PREFIX
-    )
+    committed_between(client, table, since, None, None)
 }
 
 /// `<table>_current`'s name.
@@ -150,20 +99,26 @@ pub fn latest_view_sql(
     format!("{} AND _op != 'delete'", newest_per_key(keys, &both))
 }
 
-/// `<table>_latest` before a table's first merge (and after a schema change, until the next
-/// one): the newest committed version per key among all versions. Always correct, since
-/// compaction keeps every key's current version and listings are kept, but it reads the whole
-/// table; the first merge creates `<table>_current` and narrows the view. Keeping
-/// `<table>_current` out of table creation keeps a new tenant's first slices as cheap as
-/// before (one table creation, not two).
-pub fn full_view_sql(client: &BigQuery, table: &str, keys: &[String]) -> String {
-    let all = committed(client, table, None);
+/// `<table>_latest` before a table's first merge (or with `<table>_current` lost): the newest
+/// committed version per key among all versions. Always correct, since compaction keeps every
+/// key's current version and versions below the listing point `listed_before` count as
+/// committed, but it reads the whole table; the first merge creates `<table>_current` and
+/// narrows the view. Keeping `<table>_current` out of table creation keeps a new tenant's
+/// first slices as cheap as before (one table creation, not two).
+pub fn full_view_sql(
+    client: &BigQuery,
+    table: &str,
+    keys: &[String],
+    listed_before: Option<DateTime<Utc>>,
+) -> String {
+    let all = committed_between(client, table, None, None, listed_before);
     format!("{} AND _op != 'delete'", newest_per_key(keys, &all))
 }
 
 /// Bring `<table>_current` up to a merge point: per key, the newest committed version synced
 /// since `since` (the previous point's [`read_from`]; every version the first time) replaces
-/// the stored row if it is newer in the views' order. Deletes stay as rows (`_op = 'delete'`):
+/// the stored row if it is newer in the views' order (`listed_before`: the listing point, for a
+/// first merge reading every version). Deletes stay as rows (`_op = 'delete'`):
 /// a version of the key that becomes visible later must still lose to them. Re-reading
 /// versions merged before changes nothing, so overlapping runs (a stale worker's) are
 /// harmless. Only `<table>_current` is written: versions in insertAll's streaming buffer are
@@ -174,6 +129,7 @@ pub fn current_merge_sql(
     keys: &[String],
     cols: &[String],
     since: Option<DateTime<Utc>>,
+    listed_before: Option<DateTime<Utc>>,
 ) -> String {
     let on: Vec<String> = keys.iter().map(|k| format!("C.`{k}` = S.`{k}`")).collect();
     let set: Vec<String> = cols.iter().map(|c| format!("`{c}` = S.`{c}`")).collect();
@@ -184,7 +140,10 @@ pub fn current_merge_sql(
          WHEN MATCHED AND {newer} THEN UPDATE SET {set} \
          WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({values})",
         current = client.qualified(&current_table(table)),
-        newest = newest_per_key(keys, &committed(client, table, since)),
+        newest = newest_per_key(
+            keys,
+            &committed_between(client, table, since, None, listed_before)
+        ),
         newer = newer("S", "C"),
         list = quoted(cols),
         on = on.join(" AND "),
@@ -261,14 +220,6 @@ pub fn current_layout(fields: &[BqField], keys: &[String]) -> Value {
         return Value::Null;
     }
     serde_json::json!({"clustering": {"fields": cluster}})
-}
-
-/// `_sync_batches`' layout: by day of commit, clustered by table.
-pub fn batches_layout() -> Value {
-    serde_json::json!({
-        "timePartitioning": {"type": "DAY", "field": "committed_at"},
-        "clustering": {"fields": ["table_name"]},
-    })
 }
 
 /// Make `<table>_current` hold the versions table's columns (created, added or widened like
@@ -362,8 +313,15 @@ pub async fn merge_current_at(
         false => merge_point(client, table).await?,
     };
     let read_since = previous.map(|p| read_from(p, read_back));
+    // Every version is read: those below a listing point have no listings any more.
+    let listed = match read_since {
+        None => listed_before(client, table).await?,
+        Some(_) => None,
+    };
     client
-        .query(&current_merge_sql(client, table, keys, &cols, read_since))
+        .query(&current_merge_sql(
+            client, table, keys, &cols, read_since, listed,
+        ))
         .await?;
     client
         .set_label(

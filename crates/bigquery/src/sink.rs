@@ -56,6 +56,9 @@ pub struct TableDef<'a> {
     /// Columns sent only as `<name>_hmac`: a plain column of the name (synced before the
     /// policy) is dropped like an excluded one.
     pub hashed: &'a [String],
+    /// How far before a merge point versions are still read (the worker's read-back): a view
+    /// written for a schema change is narrowed to `<table>_current`'s point with it.
+    pub read_back: std::time::Duration,
 }
 
 /// One tenant's dataset, as a slice writes to it.
@@ -77,7 +80,7 @@ pub trait Sink: Send + Sync {
 
     /// Make the table take `def`'s columns (create it, or add the ones it lacks; a column whose
     /// type changed is `SchemaIncompatible`), make its view or merged table match, and create
-    /// the dataset's batch listing (`_sync_batches`) when missing. The dataset must exist.
+    /// the table's batch listing (`_sync_batches_<table>`) when missing. The dataset must exist.
     fn ensure_table(
         &self,
         def: &TableDef<'_>,
@@ -94,7 +97,7 @@ pub trait Sink: Send + Sync {
         rows: &[&Payload],
     ) -> impl Future<Output = Result<InsertOutcome, BqError>> + Send;
 
-    /// List `batch_ids` in `_sync_batches` as committed batches of `table`, the last one (the
+    /// List `batch_ids` in `_sync_batches_<table>` as committed batches of `table`, the last one (the
     /// slice's own, whose appended rows a write method commits first) with `rows` rows: from
     /// then on the views show their rows. Listing a batch twice changes nothing.
     fn list_batches(

@@ -47,7 +47,7 @@ async fn every_column_the_sql_introduces_is_reserved() {
     let now = chrono::Utc::now();
     let sql = [
         latest_view_sql(&client, "t", &keys, &cols, Some(now)),
-        current_merge_sql(&client, "t", &keys, &cols, Some(now)),
+        current_merge_sql(&client, "t", &keys, &cols, Some(now), None),
         compact_sql(&client, "t", 60, now),
         fold_in_sql(&client, "t", &keys, &cols, Some(now), now),
         refold_sql(&client, "t", &keys, &cols, None, now),

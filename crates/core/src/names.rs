@@ -25,11 +25,16 @@ pub const BQ_TABLE_MAX: usize = 1024;
 /// BigQuery column names.
 pub const BQ_COLUMN_MAX: usize = 300;
 
-/// The dataset's list of committed batches (see `tenantsync_bigquery::schema`).
+/// The dataset-wide list of committed batches that releases before per-table listings wrote
+/// (see `tenantsync_bigquery::listings`): read once, when a table's own listing table is
+/// created, and kept reserved so no source table lands on it.
 pub const BATCHES_TABLE: &str = "_sync_batches";
+/// `_sync_batches_<table>`: the table's list of committed insertAll batches. One per table,
+/// so that pruning it (a DELETE under the task's lease) never meets another task's listing.
+pub const BATCHES_PREFIX: &str = "_sync_batches_";
 /// First character of the `_batch_id` of a batch written through the Storage Write API. Such
 /// a batch is visible from its pending stream's commit on, with no listing in
-/// [`BATCHES_TABLE`]; insertAll batch ids start with a digit (the tenant id).
+/// [`BATCHES_PREFIX`]`<table>`; insertAll batch ids start with a digit (the tenant id).
 pub const STORAGE_BATCH_PREFIX: &str = "w";
 /// Tables tenantsync keeps in every dataset besides the synced ones.
 pub const INTERNAL_TABLES: &[&str] = &[BATCHES_TABLE];
@@ -70,6 +75,11 @@ pub const BQ_RESERVED_PREFIXES: &[&str] = &[
     "_CHANGE_TYPE",
     "_CHANGE_SEQUENCE_NUMBER",
 ];
+
+/// `_sync_batches_<table>`: the batch listings of BigQuery table `bq_table`.
+pub fn batches_table(bq_table: &str) -> String {
+    format!("{BATCHES_PREFIX}{bq_table}")
+}
 
 /// Name of a source table's table in the tenant's dataset. Non-default schemas are prefixed
 /// so that `a.users` and `b.users` do not meet; `public.a__b` and `a.b` still would, which
@@ -139,6 +149,8 @@ pub enum Kind {
     BqFinalTable,
     /// `<table>_current` (latest and history mode).
     BqCurrentTable,
+    /// `_sync_batches_<table>`: the table's batch listings (every mode but CDC).
+    BqListings,
     /// `_sync_batches` and the like, one per dataset.
     BqInternal,
     /// `tenantsync_changes.<change table>` (changelog capture).
@@ -165,6 +177,7 @@ impl Kind {
             | Self::BqLatestView
             | Self::BqFinalTable
             | Self::BqCurrentTable
+            | Self::BqListings
             | Self::BqInternal => Namespace::Dataset,
             Self::PgChangeTable => Namespace::PgRelations,
             Self::PgCaptureFunction => Namespace::PgFunctions,
@@ -185,6 +198,7 @@ impl Kind {
             Self::BqLatestView => "BigQuery view",
             Self::BqFinalTable => "BigQuery merge table",
             Self::BqCurrentTable => "BigQuery current-state table",
+            Self::BqListings => "BigQuery batch listing table",
             Self::BqInternal => "BigQuery internal table",
             Self::PgChangeTable => "change table",
             Self::PgCaptureFunction => "trigger function",
@@ -260,6 +274,12 @@ impl<'a> TableNames<'a> {
             ]),
             // BigQuery keeps one row per key in the table itself: nothing derived.
             Mode::Cdc => {}
+        }
+        if self.mode != Mode::Cdc {
+            out.push(Derived {
+                kind: Kind::BqListings,
+                name: batches_table(&bq),
+            });
         }
         if self.capture == Capture::Changelog {
             out.push(Derived {
@@ -529,6 +549,32 @@ mod tests {
             e.contains("which tenantsync already uses") && e.contains("case-insensitively"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn each_table_but_a_cdc_one_has_its_own_listing_table() {
+        let e = refusal(t("public", "_sync_batches_notes"), &[t("public", "notes")]);
+        assert!(
+            e.contains("BigQuery batch listing table") && e.contains("public.notes (registered)"),
+            "{e}"
+        );
+        let e = refusal(t("public", "notes"), &[t("public", "_Sync_Batches_notes")]);
+        assert!(e.contains("maps to BigQuery batch listing table"), "{e}");
+        let cdc = TableNames {
+            mode: Mode::Cdc,
+            ..t("public", "c")
+        };
+        assert!(check_new_table(&t("public", "_sync_batches_c"), &[cdc]).is_ok());
+        // The prefix makes the listing table the longest BigQuery name a table derives.
+        let long = "n".repeat(BQ_TABLE_MAX - BATCHES_PREFIX.len() + 1);
+        let long = TableNames {
+            table: &long,
+            ..t("public", "x")
+        };
+        assert!(matches!(
+            check_new_table(&long, &[]),
+            Err(NameError::TooLong { .. })
+        ));
     }
 
     #[test]

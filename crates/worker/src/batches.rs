@@ -1,8 +1,9 @@
-//! Batch visibility: the `_sync_batches` listing that makes a slice's rows visible in the views.
+//! Batch visibility: the `_sync_batches_<table>` listing that makes a slice's rows visible in
+//! the views.
 
 use crate::slice::wait_for_slot;
 use crate::{Worker, WorkerError};
-use tenantsync_bigquery::schema::BATCHES_TABLE;
+use tenantsync_bigquery::listings::listings_table;
 use tenantsync_bigquery::{BqError, Sink, TableDef};
 use tenantsync_core::Tenant;
 use tokio_util::sync::CancellationToken;
@@ -35,8 +36,9 @@ impl Worker {
                     return match out.row_errors.first() {
                         None => Ok(()),
                         Some(e) => Err(WorkerError::BigQuery(BqError::Invalid(format!(
-                            "listing batch {} in {BATCHES_TABLE}: {}: {}",
+                            "listing batch {} in {}: {}: {}",
                             ids.last().map(String::as_str).unwrap_or_default(),
+                            listings_table(def.table),
                             e.reason,
                             e.message
                         )))),

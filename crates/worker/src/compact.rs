@@ -1,30 +1,49 @@
 //! Periodic work after a caught-up slice. Latest and history mode: the merge of recently
 //! visible versions into `<table>_current`, which keeps what `<table>_latest` reads bounded
 //! by the live rows; latest mode then compacts (superseded versions older than the window
-//! are deleted, so a table that is updated often does not grow without bound) and forgets old
-//! `_sync_batches` listings. Merge mode: the merge of partial versions into `<table>_current`
-//! and `<table>_final`. Every mode: rows that can never be sent (cursor NULL or infinite) are reported
-//! as dead letters.
+//! are deleted, so a table that is updated often does not grow without bound); both then
+//! forget the listings in `_sync_batches_<table>` that no reader needs any more
+//! (`tenantsync_bigquery::listings`). Merge mode: the merge of partial versions into
+//! `<table>_current` and `<table>_final` (its refolds read every version, so its listings
+//! stay). Every mode: rows that can never be sent (cursor NULL or infinite) are reported as
+//! dead letters.
 
 use crate::{Worker, WorkerError};
+use chrono::{DateTime, Utc};
 use tenantsync_bigquery::final_merge::{merge_final_at, FinalMerged};
+use tenantsync_bigquery::listings::{forget_listings_sql, settle_listings};
 use tenantsync_bigquery::schema::{compact_sql, merge_current, read_from, visible_within, Merged};
 use tenantsync_core::{Mode, TableSpec, Tenant};
+use tenantsync_lease::Lease;
 use tenantsync_store::control::dead_letters::NewDeadLetter;
 use tenantsync_store::control::tasks::TaskId;
 use tracing::{info, warn};
 
 impl Worker {
-    /// After a caught-up slice whose commit took the task's periodic turn: compaction (latest
-    /// mode) or the MERGE into `<table>_final` (merge mode). Errors are logged, never fail the
-    /// slice (the rows are in BigQuery either way).
-    pub(crate) async fn periodic_now(&self, tenant: &Tenant, spec: &TableSpec) {
+    /// After a caught-up slice whose commit took the task's periodic turn (`lease` still
+    /// held): compaction (latest mode) or the MERGE into `<table>_final` (merge mode), then
+    /// the pruning of old listings. Errors are logged, never fail the slice (the rows are in
+    /// BigQuery either way).
+    pub(crate) async fn periodic_now(&self, tenant: &Tenant, spec: &TableSpec, lease: &Lease) {
         self.report_unsyncable(tenant, spec).await;
         let done = match spec.mode {
             Mode::Merge => self.merge(tenant, spec).await.map(|_| ()),
-            Mode::Latest => self.compact(tenant, spec).await,
+            Mode::Latest => match self.compact(tenant, spec).await {
+                Ok(settled) => {
+                    self.prune_listings(tenant, spec, settled, false, lease)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
             // History keeps every version, but its view reads `<table>_current` too.
-            Mode::History => self.merge_current(tenant, spec).await.map(|_| ()),
+            Mode::History => match self.merge_current(tenant, spec).await {
+                Ok(m) => {
+                    let settled = self.settled(m.point, Utc::now());
+                    self.prune_listings(tenant, spec, settled, true, lease)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
             // BigQuery applies a CDC table's changes itself.
             Mode::Cdc => return,
         };
@@ -169,22 +188,68 @@ impl Worker {
 
     /// Latest mode, after a merge into `<table>_current`: delete the versions that are neither
     /// current nor recent (older than the compaction window and the merge's read horizon).
-    /// `_sync_batches` is not pruned: on the local BigQuery a DELETE there made a concurrent
-    /// listing vanish while its insertAll reported success (issue 16's chaos runs: a slice's
-    /// rows stayed unlisted, and the watermark had moved past them). Readers do not pay for
-    /// its size: views and merges read only the day partitions of recent listings.
-    pub async fn compact(&self, tenant: &Tenant, spec: &TableSpec) -> Result<(), WorkerError> {
+    /// Returns the bound below which every version left is current (so committed): where the
+    /// listings may be pruned.
+    pub async fn compact(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+    ) -> Result<DateTime<Utc>, WorkerError> {
         let merged = self.merge_current(tenant, spec).await?;
         let client = self.client(tenant).await?;
         let table = spec.bq_table();
-        let settled = read_from(merged.point, self.read_back());
+        // Before the DELETE: the SQL's own window bound is later still.
+        let settled = self.settled(merged.point, Utc::now());
         let window_s = self.cfg.compact_window.as_secs();
-        let compact = compact_sql(&client, &table, window_s, settled);
+        let compact = compact_sql(
+            &client,
+            &table,
+            window_s,
+            read_from(merged.point, self.read_back()),
+        );
         self.retry_bq("compact", tenant, || async {
             Ok(client.query(&compact).await?)
         })
         .await?;
         info!(tenant = %tenant.slug, table = %spec.source_table, window_s, %settled, "compacted superseded versions");
+        Ok(settled)
+    }
+
+    /// The listing point a merge at `point` allows at `now`: no batch synced before it can
+    /// still become visible (the merge's read-back), and it is past the compaction window
+    /// (BigQuery refuses DML on rows in insertAll's streaming buffer).
+    fn settled(&self, point: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+        let window =
+            chrono::Duration::from_std(self.cfg.compact_window).unwrap_or(chrono::Duration::MAX);
+        read_from(point, self.read_back()).min(now - window)
+    }
+
+    /// Move the table's listing point up to `settled` and forget the listings below it, so
+    /// `_sync_batches_<table>` holds only the last read-back and window's worth of slices.
+    /// The forgetting DELETE runs only right after the lease was renewed: on the local
+    /// BigQuery a DELETE made a listing inserted at the same moment vanish (issue 16), and
+    /// with the lease ours no other worker lists batches of this table meanwhile.
+    async fn prune_listings(
+        &self,
+        tenant: &Tenant,
+        spec: &TableSpec,
+        settled: DateTime<Utc>,
+        unlisted_too: bool,
+        lease: &Lease,
+    ) -> Result<(), WorkerError> {
+        let client = self.client(tenant).await?;
+        let table = spec.bq_table();
+        self.retry_bq("settle listings", tenant, || async {
+            Ok(settle_listings(&client, &table, settled, unlisted_too).await?)
+        })
+        .await?;
+        if !self.deps.leases.renew(lease).await? {
+            warn!(tenant = %tenant.slug, table = %spec.source_table, "lease lost before pruning listings; they wait for the next turn");
+            return Ok(());
+        }
+        let forget = forget_listings_sql(&client, &table, settled);
+        client.query(&forget).await?;
+        info!(tenant = %tenant.slug, table = %spec.source_table, %settled, "forgot listings before the listing point");
         Ok(())
     }
 }

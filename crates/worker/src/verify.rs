@@ -245,7 +245,7 @@ impl Worker {
         refuse_cdc(spec, "resync")?;
         let plan = self.plan(spec).await?;
         let client = self.client(tenant).await?;
-        let def = table_def(spec, &plan);
+        let def = table_def(spec, &plan, self.read_back());
         self.retry_bq("sync schema", tenant, || async {
             Ok(force_schema(&*client, &def).await?)
         })
@@ -374,7 +374,7 @@ impl Worker {
             .collect();
         let sizes: Vec<usize> = payloads.iter().map(tenantsync_core::Payload::len).collect();
         let (never, stop) = (CancellationToken::new(), CancellationToken::new());
-        let def = table_def(spec, plan);
+        let def = table_def(spec, plan, self.read_back());
         let cx = SendCtx {
             sink: client,
             control: self,

@@ -1,6 +1,6 @@
 //! Read-cost benchmark (issue 16): how many rows a `SELECT * FROM <t>_latest` reads after 1,
 //! 10 and 100 rounds of updates to the same rows, with the views before `<t>_current` and
-//! now, and how many rows `_sync_batches` holds after 10,000 slices.
+//! now, and how many listings `_sync_batches_<t>` holds after 10,000 slices.
 //!
 //! The local BigQuery reports `totalBytesProcessed: 0` on every query, so bytes cannot be read
 //! off it. What is counted instead (`COUNT(*)` over the same predicates, on the local BigQuery)
@@ -10,14 +10,14 @@
 //!   old compaction kept (each key's newest and every version younger than the window).
 //! - now: `<t>_current`, plus the versions synced since the merge point's read-back
 //!   (`_synced_at` is the partitioning and first clustering column), plus the table's own
-//!   listings committed since then (`_sync_batches` is partitioned by day of commit and
-//!   clustered by table). Block-level pruning reads whole blocks, so on BigQuery it is this
-//!   plus at most a block per partition.
+//!   listings committed since then (`_sync_batches_<t>` is partitioned by day of commit).
+//!   Block-level pruning reads whole blocks, so on BigQuery it is this plus at most a block
+//!   per partition. Before, every listing of the table was read (one per slice so far).
 //!
 //! Rounds are replayed in the past, one every `BENCH_ROUND_EVERY_S` (3600), each written as
 //! `BENCH_SLICES_PER_ROUND` (100) slices of `BENCH_KEYS` (1000) keys in all, into a latest and
 //! a history table at once; after each round a merge into `<t>_current` at half the round
-//! interval later, then (latest) compaction, with the SQL and
+//! interval later, then (latest) compaction and for both the pruning of listings, with the SQL and
 //! settings of a worker at its defaults (compaction window 3 h, settle window 5 min, slices
 //! up to 20 s, clocks 60 s apart).
 //! `_latest` is checked against the expected rows after every measured round. 100 rounds of
@@ -27,8 +27,9 @@ use anyhow::{ensure, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use tenantsync_bigquery::listings::{forget_listings_sql, listings_table, settle_listings};
 use tenantsync_bigquery::schema::{
-    compact_sql, current_table, merge_current_at, read_from, visible_within, BATCHES_TABLE,
+    compact_sql, current_table, merge_current_at, read_from, visible_within,
 };
 use tenantsync_bigquery::{BigQuery, Credentials, Endpoint, Sink, TableDef};
 use tenantsync_core::mapping::{BqField, BqType, FieldMode};
@@ -84,13 +85,13 @@ async fn write_round(bq: &BigQuery, p: &Params, r: i64, at: DateTime<Utc>) -> Re
         let listings: Vec<String> = (0..p.slices)
             .map(|j| {
                 json!({"insertId": format!("{table}-b{r}-{j}"), "json": {
-                    "batch_id": format!("b{r}-{j}"), "table_name": table,
+                    "batch_id": format!("b{r}-{j}"),
                     "committed_at": ts(listed), "rows": p.keys / p.slices}})
                 .to_string()
             })
             .collect();
         let refs: Vec<&str> = listings.iter().map(String::as_str).collect();
-        bq.insert_all(BATCHES_TABLE, &refs).await?;
+        bq.insert_all(&listings_table(table), &refs).await?;
     }
     Ok(())
 }
@@ -106,12 +107,13 @@ struct Reads {
 async fn reads(
     bq: &BigQuery,
     table: &str,
-    point: DateTime<Utc>,
+    at: (i64, DateTime<Utc>),
     back: Duration,
     merge_since: Option<DateTime<Utc>>,
 ) -> Result<Reads> {
+    let (slices_so_far, point) = at;
     let since = read_from(point, back);
-    let listings = count(bq, BATCHES_TABLE, &format!("WHERE table_name = '{table}'")).await?;
+    let listings = count(bq, &listings_table(table), "").await?;
     let current = count(bq, &current_table(table), "").await?;
     let recent = count(
         bq,
@@ -121,11 +123,8 @@ async fn reads(
     .await?;
     let recent_listings = count(
         bq,
-        BATCHES_TABLE,
-        &format!(
-            "WHERE table_name = '{table}' AND committed_at >= TIMESTAMP('{}')",
-            ts(since)
-        ),
+        &listings_table(table),
+        &format!("WHERE committed_at >= TIMESTAMP('{}')", ts(since)),
     )
     .await?;
     // Before: a history table held every version; a latest table what the old compaction
@@ -140,12 +139,6 @@ async fn reads(
         ),
     };
     let versions_before = count(bq, HISTORY, &old_filter).await?;
-    let rounds_listed = count(
-        bq,
-        BATCHES_TABLE,
-        &format!("WHERE table_name = '{HISTORY}'"),
-    )
-    .await?;
     let merge_read = match merge_since {
         None => count(bq, table, "").await?,
         Some(s) => {
@@ -158,7 +151,8 @@ async fn reads(
         }
     } + current;
     Ok(Reads {
-        before: versions_before + rounds_listed,
+        // Listings were never pruned before: one per slice so far.
+        before: versions_before + slices_so_far,
         now: current + recent + recent_listings,
         merge_read,
         listings,
@@ -213,6 +207,9 @@ async fn main() -> Result<()> {
         field("note", BqType::String),
     ];
     let keys = vec!["id".to_string()];
+    // A worker at its defaults.
+    let back =
+        visible_within(Duration::from_secs(300), Duration::from_secs(20)) + Duration::from_secs(60);
     for (table, mode) in [(LATEST, Mode::Latest), (HISTORY, Mode::History)] {
         let def = TableDef {
             table,
@@ -222,12 +219,10 @@ async fn main() -> Result<()> {
             max_staleness_s: 0,
             excluded: &[],
             hashed: &[],
+            read_back: back,
         };
         Sink::ensure_table(&bq, &def).await?;
     }
-    // A worker at its defaults.
-    let back =
-        visible_within(Duration::from_secs(300), Duration::from_secs(20)) + Duration::from_secs(60);
     // Far enough back that the last round is past the streaming-buffer window too.
     let base = Utc::now() - chrono::Duration::seconds((p.rounds + 5) * p.every);
     let t0 = Instant::now();
@@ -250,10 +245,17 @@ async fn main() -> Result<()> {
         let settled = read_from(point, back);
         bq.query(&compact_sql(&bq, LATEST, WINDOW.as_secs(), settled))
             .await?;
+        // The worker's listing point: the read-back, and past the window at the point.
+        let listed_before = settled.min(point - chrono::Duration::from_std(WINDOW)?);
+        for (table, unlisted_too) in [(LATEST, false), (HISTORY, true)] {
+            settle_listings(&bq, table, listed_before, unlisted_too).await?;
+            bq.query(&forget_listings_sql(&bq, table, listed_before))
+                .await?;
+        }
         if [1, 10, p.rounds].contains(&r) || r % 25 == 0 {
             for (table, since) in [LATEST, HISTORY].into_iter().zip(merges) {
                 check_latest(&bq, table, &p, r).await?;
-                let x = reads(&bq, table, point, back, since).await?;
+                let x = reads(&bq, table, (r * p.slices, point), back, since).await?;
                 println!(
                     "| {table} | {r} | {} | {} | {} | {} |",
                     x.before, x.now, x.merge_read, x.listings
@@ -261,24 +263,13 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let total = count(&bq, BATCHES_TABLE, "").await?;
     println!(
-        "_sync_batches after {} slices per table: {} rows in all ({} of the history table, \
-         {} of the latest table); {:.0} s",
+        "listings after {} slices per table: {} in {}, {} in {}; {:.0} s",
         p.rounds * p.slices,
-        total,
-        count(
-            &bq,
-            BATCHES_TABLE,
-            &format!("WHERE table_name = '{HISTORY}'")
-        )
-        .await?,
-        count(
-            &bq,
-            BATCHES_TABLE,
-            &format!("WHERE table_name = '{LATEST}'")
-        )
-        .await?,
+        count(&bq, &listings_table(HISTORY), "").await?,
+        listings_table(HISTORY),
+        count(&bq, &listings_table(LATEST), "").await?,
+        listings_table(LATEST),
         t0.elapsed().as_secs_f64()
     );
     if !p.keep {

@@ -39,7 +39,7 @@ async fn a_half_written_batch_is_invisible_until_a_later_slice_commits() {
     };
     let base = bq.qualified("contacts");
     let latest = bq.qualified("contacts_latest");
-    let batches = bq.qualified("_sync_batches");
+    let batches = bq.qualified("_sync_batches_contacts");
     // insertAll: one chunk of the slice reached the table. Storage Write: nothing did (the
     // pending stream was never committed).
     let reached = match env.write_api() {

@@ -243,9 +243,9 @@ async fn changelog_interleavings_applied_as_bigquery_cdc_equal_postgres() {
     assert!(table_resource(&env, &tenants[0], "items_latest")
         .await
         .is_none());
-    assert!(table_resource(&env, &tenants[0], "_sync_batches")
-        .await
-        .is_none());
+    for listings in ["_sync_batches", "_sync_batches_items"] {
+        assert!(table_resource(&env, &tenants[0], listings).await.is_none());
+    }
     // Every change sent was pruned from the change table.
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tenantsync_changes.public__items")
         .fetch_one(env.source_pool())

@@ -420,7 +420,7 @@ fn people_change(rng: &mut rand::rngs::StdRng, round: usize, i: usize) -> String
 async fn merge_reads_only_new_versions_and_final_stays_exact() {
     use rand::SeedableRng;
     use tenantsync_bigquery::final_merge::{fold_sql, value_columns};
-    use tenantsync_bigquery::schema::committed_between;
+    use tenantsync_bigquery::listings::committed_between;
     let env = TestEnv::new().await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE people (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
@@ -463,7 +463,7 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
         fold_sql(
             &keys,
             &values,
-            &committed_between(&bq, "people", None, None)
+            &committed_between(&bq, "people", None, None, None)
         )
     );
     let total = |bq: &tenantsync_bigquery::BigQuery| {
@@ -543,9 +543,9 @@ async fn merge_reads_only_new_versions_and_final_stays_exact() {
     .await
     .unwrap();
     bq.query(&format!(
-        "INSERT INTO {} (batch_id, table_name, committed_at, rows) \
-         VALUES ('late-batch', 'people', CURRENT_TIMESTAMP(), 1)",
-        bq.qualified("_sync_batches")
+        "INSERT INTO {} (batch_id, committed_at, `rows`) \
+         VALUES ('late-batch', CURRENT_TIMESTAMP(), 1)",
+        bq.qualified("_sync_batches_people")
     ))
     .await
     .unwrap();
@@ -585,7 +585,7 @@ fn pick_partial(rng: &mut rand::rngs::StdRng) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn merge_mode_under_random_interleavings_ends_equal_to_postgres() {
     use tenantsync_bigquery::final_merge::{fold_sql, value_columns};
-    use tenantsync_bigquery::schema::committed_between;
+    use tenantsync_bigquery::listings::committed_between;
     let env = TestEnv::new().await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE people (id bigserial PRIMARY KEY, organization_id bigint NOT NULL,
@@ -659,7 +659,7 @@ async fn merge_mode_under_random_interleavings_ends_equal_to_postgres() {
             fold_sql(
                 &keys,
                 &values,
-                &committed_between(&bq, "people", None, None)
+                &committed_between(&bq, "people", None, None, None)
             )
         );
         assert_eq!(

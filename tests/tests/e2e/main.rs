@@ -19,6 +19,7 @@ mod faults;
 mod hostile_rows;
 mod impersonation;
 mod key_rotation;
+mod listings;
 mod location;
 mod names;
 mod observability;

@@ -5,7 +5,7 @@
 //! what was appended) and committed when the slice lists its batch. The commit is the
 //! visibility point: a slice that dies before it leaves nothing in the table, and an append
 //! repeated after its answer was lost finds its offset written (`ALREADY_EXISTS`) instead of
-//! writing the rows twice. Nothing goes into `_sync_batches`: the views show batches whose id
+//! writing the rows twice. Nothing goes into `_sync_batches_<table>`: the views show batches whose id
 //! starts with `w` as they are, so there is no second step a failure could separate from the
 //! commit.
 //!
@@ -375,7 +375,7 @@ impl Sink for StorageSink {
     }
 
     /// Commit the slice's batch (the last of `batch_ids`; earlier ones were never written
-    /// through this sink). Nothing is listed in `_sync_batches`: the views show Storage Write
+    /// through this sink). Nothing is listed in `_sync_batches_<table>`: the views show Storage Write
     /// batches by their id's prefix, so the commit is the one step that makes rows visible.
     async fn list_batches(
         &self,

@@ -101,6 +101,13 @@ struct Ended {
     progress: Progress,
 }
 
+/// A slice as it ends: its claim, its run record, and what it did.
+struct Finished {
+    claim: Claim,
+    run: RunRecord,
+    ended: Ended,
+}
+
 /// Renews a lease in the background; cancels `lost` when renewal fails.
 fn spawn_renewer(w: &Worker, lease: Lease, lost: CancellationToken) -> tokio::task::JoinHandle<()> {
     let leases = w.deps.leases.clone();
@@ -156,7 +163,7 @@ impl Worker {
             run = tracing::field::Empty,
         );
         let result = self
-            .with_lease(task, &lost, shutdown)
+            .with_lease(task, &lease, &lost, shutdown)
             .instrument(span)
             .await;
         lost.cancel();
@@ -180,6 +187,7 @@ impl Worker {
     async fn with_lease(
         &self,
         task: TaskId,
+        lease: &Lease,
         lost: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Result<SliceReport, WorkerError> {
@@ -225,7 +233,8 @@ impl Worker {
             outcome: ended.outcome,
             error: ended.error.clone(),
         };
-        self.finish(&tenant, &spec, claim, run, ended, t0).await
+        let slice = Finished { claim, run, ended };
+        self.finish(&tenant, &spec, slice, lease, t0).await
     }
 
     /// A slice that failed before it could commit anything: the task's backoff, nothing moved.
@@ -266,11 +275,11 @@ impl Worker {
         &self,
         tenant: &Tenant,
         spec: &TableSpec,
-        claim: Claim,
-        run: RunRecord,
-        ended: Ended,
+        slice: Finished,
+        lease: &Lease,
         t0: Instant,
     ) -> Result<SliceReport, WorkerError> {
+        let Finished { claim, run, ended } = slice;
         let (task, token) = (claim.task, claim.fencing_token);
         let progress = ended.progress;
         let periodic_every = self.periodic_every(spec, &progress);
@@ -329,7 +338,7 @@ impl Worker {
         );
         // Caught up and still holding the lease: the moment to compact, if the turn came.
         if finish.compact {
-            self.periodic_now(tenant, spec).await;
+            self.periodic_now(tenant, spec, lease).await;
         } else if finish.first_turn {
             self.report_unsyncable(tenant, spec).await;
         }

@@ -237,7 +237,7 @@ impl Worker {
         let cx = SendCtx {
             sink: s.sink,
             control: self,
-            def: table_def(s.spec, &p.plan),
+            def: table_def(s.spec, &p.plan, self.read_back()),
             batch_id: &s.batch_id,
             tenant: s.tenant,
             spec: s.spec,
@@ -307,7 +307,7 @@ impl Worker {
         // listing after it would be a second step a failure could separate from the first
         // (measured: the fault test doubled a slice's rows that way; docs/architecture.md,
         // "Write methods").
-        let def = table_def(spec, &p.plan);
+        let def = table_def(spec, &p.plan, self.read_back());
         self.list_batches(
             s.sink,
             tenant,

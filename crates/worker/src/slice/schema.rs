@@ -8,7 +8,11 @@ use tenantsync_store::SlicePlan;
 use tracing::{debug, info};
 
 /// The sink's view of a table: its plan's columns, the spec's keys and mode.
-pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDef<'a> {
+pub(crate) fn table_def<'a>(
+    spec: &'a TableSpec,
+    plan: &'a SlicePlan,
+    read_back: std::time::Duration,
+) -> TableDef<'a> {
     TableDef {
         table: &plan.table,
         fields: &plan.fields,
@@ -17,6 +21,7 @@ pub(crate) fn table_def<'a>(spec: &'a TableSpec, plan: &'a SlicePlan) -> TableDe
         max_staleness_s: spec.max_staleness_s,
         excluded: &spec.exclude_columns,
         hashed: &spec.hash_columns,
+        read_back,
     }
 }
 
@@ -32,8 +37,9 @@ pub(crate) async fn force_schema<S: Sink>(sink: &S, def: &TableDef<'_>) -> Resul
 
 /// Version of the view SQL (`tenantsync_bigquery::schema`): 2 shows Storage Write batches
 /// without a listing; 3 reads committed listings of its own table (merges then point it at
-/// `<table>_current`).
-const VIEWS_VERSION: &str = "views3";
+/// `<table>_current`); 4 reads them from the table's own `_sync_batches_<table>`, which the
+/// schema sync creates with the table's listings from `_sync_batches` copied in.
+const VIEWS_VERSION: &str = "views4";
 
 impl Worker {
     /// [`force_schema`], skipped when the task's stored schema hash matches the plan (no API
@@ -52,7 +58,7 @@ impl Worker {
         if claim.schema_hash.as_deref() == Some(hash.as_str()) {
             return Ok(());
         }
-        let def = table_def(spec, plan);
+        let def = table_def(spec, plan, self.read_back());
         self.retry_bq("sync schema", tenant, || async {
             Ok(force_schema(sink, &def).await?)
         })

@@ -86,6 +86,7 @@ impl Fixture {
                 max_staleness_s: 900,
                 excluded: &[],
                 hashed: &[],
+                read_back: std::time::Duration::from_secs(60),
             },
             batch_id: "1-1-1",
             tenant: &self.tenant,
