@@ -195,10 +195,13 @@ async fn a_dead_slices_versions_leave_a_history_table_at_the_listing_point() {
         tenant_id: tenant.id,
         table_id: contacts.id,
     };
-    let mut cfg = quick(env.worker_config());
+    let mut cfg = env.worker_config();
     cfg.chunk_limits.max_rows = 20;
     cfg.lease_ttl = Duration::from_secs(2);
+    // The default slice length: a 1 s slice through the Storage Write API can end at its time
+    // bound after the first chunk, before the crash point.
     let dying = env.worker_with(cfg.clone(), CrashOnceAt::new(CrashPoint::AfterFirstChunk));
+    let cfg = quick(cfg);
     env.past_skew().await;
     let r = dying
         .try_execute_task(task, &CancellationToken::new())
