@@ -14,11 +14,18 @@ use sqlx::PgPool;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// A pool whose sessions run in UTC, so every timestamp we render as text is unambiguous.
+/// A pool whose sessions run in UTC with ISO dates (sqlx's startup message pins DateStyle and
+/// its float digits) and Postgres' own interval style, so every value we render as text is
+/// unambiguous, and the same whatever the server's or the database's settings: a hashed
+/// column (`--hash-column`) is the HMAC of that text, and must not change when they do.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let opts = PgConnectOptions::from_str(url)
         .map_err(|e| StoreError::Invalid(format!("bad database URL: {e}")))?
-        .options([("TimeZone", "UTC"), ("application_name", "tenantsync")]);
+        .options([
+            ("TimeZone", "UTC"),
+            ("IntervalStyle", "postgres"),
+            ("application_name", "tenantsync"),
+        ]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -237,11 +237,18 @@ async fn hash_key(env: &TestEnv, tenant_id: i64) -> tenantsync_core::hashing::Ha
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
     const SHARED: &str = "shared-donor@ngo.example";
+    // A timestamp's text is the session's (UTC, ISO) whatever the server's settings, and the
+    // same under either capture: changelog rows are rebuilt as source rows before the read.
+    const SEEN: &str = "2026-11-30 10:11:12.345678+00";
     let env = TestEnv::new().await.unwrap();
     sqlx::raw_sql(&format!(
         "CREATE TABLE people (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
-                              email text, phone text,
+                              email text, phone text, seen_at timestamptz DEFAULT '{SEEN}',
+                              tenure interval DEFAULT '1 day 02:03:04',
                               updated_at timestamptz NOT NULL DEFAULT now() - interval '1 minute');
+         CREATE TABLE gifts (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
+                             donor_email text, seen_at timestamptz,
+                             updated_at timestamptz NOT NULL DEFAULT now());
          CREATE TABLE donations (id bigint PRIMARY KEY, organization_id bigint NOT NULL,
                                  donor_email text, amount int,
                                  updated_at timestamptz NOT NULL DEFAULT now() - interval '1 minute');
@@ -250,6 +257,19 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
              (3, 2, '{SHARED}', '+1-555-0103');
          INSERT INTO donations (id, organization_id, donor_email, amount) VALUES
              (10, 1, '{SHARED}', 50);"
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    // A source database whose own settings render timestamps otherwise.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(env.source_pool())
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY';
+         ALTER DATABASE \"{db}\" SET TimeZone = 'America/New_York';
+         ALTER DATABASE \"{db}\" SET IntervalStyle = 'iso_8601'"
     ))
     .execute(env.source_pool())
     .await
@@ -268,10 +288,40 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
         assert!(!ok && out.contains(why), "{out}");
     }
     assert!(env.control.tables().await.unwrap().is_empty());
-    let (ok, out) = env.cli(&["tables", "add", "people", "--hash-column", "email"]);
+    let (ok, out) = env.cli(&[
+        "tables",
+        "add",
+        "people",
+        "--hash-column",
+        "email",
+        "--hash-column",
+        "seen_at",
+        "--hash-column",
+        "tenure",
+    ]);
     assert!(ok, "{out}");
     let (ok, out) = env.cli(&["tables", "add", "donations", "--hash-column", "donor_email"]);
     assert!(ok, "{out}");
+    let (ok, out) = env.cli(&["source", "install-changelog", "public.gifts"]);
+    assert!(ok, "{out}");
+    let (ok, out) = env.cli(&[
+        "tables",
+        "add",
+        "gifts",
+        "--capture",
+        "changelog",
+        "--hash-column",
+        "donor_email",
+        "--hash-column",
+        "seen_at",
+    ]);
+    assert!(ok, "{out}");
+    sqlx::raw_sql(&format!(
+        "INSERT INTO gifts (id, organization_id, donor_email, seen_at) VALUES (20, 1, '{SHARED}', '{SEEN}')"
+    ))
+    .execute(env.source_pool())
+    .await
+    .unwrap();
     let t1 = env.add_tenant("org-1", 1).await.unwrap();
     let t2 = env.add_tenant("org-2", 2).await.unwrap();
     let (ok, run_out) = env.cli(&["run", "--once"]);
@@ -308,6 +358,28 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
     )
     .await;
     assert_eq!(joined, ["50"]);
+    // …whatever their capture, timestamps included.
+    let gift = one(
+        &bq1,
+        format!(
+            "SELECT CONCAT(g.donor_email_hmac, ' ', g.seen_at_hmac, ' ', p.seen_at_hmac) FROM {} g \
+             JOIN {} p ON g.donor_email_hmac = p.email_hmac",
+            bq1.qualified("gifts_latest"),
+            bq1.qualified("people_latest")
+        ),
+    )
+    .await;
+    let seen = k1.hmac_hex(SEEN);
+    assert_eq!(gift, [format!("{} {seen} {seen}", k1.hmac_hex(SHARED))]);
+    let tenure = one(
+        &bq1,
+        format!(
+            "SELECT tenure_hmac FROM {} WHERE id = 1",
+            bq1.qualified("people_latest")
+        ),
+    )
+    .await;
+    assert_eq!(tenure, [k1.hmac_hex("1 day 02:03:04")]);
     // …two tenants' hashes of one value differ.
     let people2 = one(
         &bq2,
@@ -327,7 +399,10 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
 
     // Hashing a column synced plain: the plain column goes, its hash comes.
     let (ok, out) = env.cli(&["tables", "update", "people", "--hash-column", "phone"]);
-    assert!(ok && out.contains("hashed columns email,phone"), "{out}");
+    assert!(
+        ok && out.contains("hashed columns email,seen_at,tenure,phone"),
+        "{out}"
+    );
     sqlx::raw_sql("UPDATE people SET updated_at = now()")
         .execute(env.source_pool())
         .await
