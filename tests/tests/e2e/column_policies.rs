@@ -436,3 +436,72 @@ async fn a_hashed_column_is_an_hmac_under_each_tenants_own_secret() {
     assert!(ok && out.matches("ok ").count() >= 4, "{out}");
     env.cleanup().await.unwrap();
 }
+
+/// `keys rotate` re-seals each tenant's hashing secret with its credentials: afterwards a
+/// process holding only the new master key opens it, and the secret is the same one, so new
+/// hashes still join the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hashing_secret_is_resealed_by_keys_rotate_and_stays_the_same() {
+    let env = TestEnv::new().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE people (id bigint PRIMARY KEY, organization_id bigint NOT NULL, email text,
+                              updated_at timestamptz NOT NULL DEFAULT now() - interval '1 minute');
+         INSERT INTO people (id, organization_id, email) VALUES (1, 1, 'a@ngo.example');",
+    )
+    .execute(env.source_pool())
+    .await
+    .unwrap();
+    let (ok, out) = env.cli(&["tables", "add", "people", "--hash-column", "email"]);
+    assert!(ok, "{out}");
+    let t = env.add_tenant("org-1", 1).await.unwrap();
+    let (ok, out) = env.cli(&["run", "--once"]);
+    assert!(ok, "{out}");
+    let before = hash_key(&env, t.id).await;
+
+    let old = secrecy::ExposeSecret::expose_secret(&env.master_key_b64).to_string();
+    let new_b64 = tenantsync_core::crypto::MasterKey::generate_base64();
+    let new = secrecy::ExposeSecret::expose_secret(&new_b64).to_string();
+    let new_key = tenantsync_core::crypto::MasterKey::from_base64(&new_b64).unwrap();
+    let rotating = [
+        ("TENANTSYNC_MASTER_KEY", new.as_str()),
+        ("TENANTSYNC_MASTER_KEYS_OLD", old.as_str()),
+    ];
+    let (ok, out) = env.cli_with(&["keys", "rotate"], &rotating);
+    assert!(ok && !out.contains(" 0 re-sealed"), "keys rotate: {out}");
+    let sealed = env.control.sealed_hash_key(t.id).await.unwrap().unwrap();
+    assert_eq!(
+        sealed.key_id,
+        new_key.id(),
+        "the hashing secret was not re-sealed"
+    );
+
+    // Only the new master key from here on: the secret must open with it.
+    sqlx::raw_sql("UPDATE people SET email = 'b@ngo.example', updated_at = now()")
+        .execute(env.source_pool())
+        .await
+        .unwrap();
+    env.past_skew().await;
+    let (ok, out) = env.cli_with(
+        &["run", "--once"],
+        &[("TENANTSYNC_MASTER_KEY", new.as_str())],
+    );
+    assert!(ok, "{out}");
+    let bq = env.bq(&t).await.unwrap();
+    let got = bq
+        .query(&format!(
+            "SELECT email_hmac FROM {}",
+            bq.qualified("people_latest")
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        tenantsync_tests::cell(&got[0], 0),
+        before.hmac_hex("b@ngo.example"),
+        "hashed under another secret after the rotation"
+    );
+    assert!(
+        !out.contains(&old) && !out.contains(&new),
+        "a master key was printed"
+    );
+    env.cleanup().await.unwrap();
+}
