@@ -234,6 +234,16 @@ impl TestEnv {
         Ok(out)
     }
 
+    /// Switch a registered table's mode (as stored; no CLI checks).
+    pub async fn set_mode(&self, spec: &TableSpec, mode: Mode) -> Result<()> {
+        sqlx::query("UPDATE table_specs SET mode = $2 WHERE id = $1")
+            .bind(spec.id)
+            .bind(mode.as_str())
+            .execute(self.control.pool())
+            .await?;
+        Ok(())
+    }
+
     pub async fn add_table(&self, table: &str, tenant_column: &str) -> Result<TableSpec> {
         Ok(onboard::add_table(
             &self.control,
@@ -367,6 +377,12 @@ pub fn scalar_i64(rows: &[Vec<serde_json::Value>]) -> i64 {
         })
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not a scalar integer result: {rows:?}"))
+}
+
+/// Rows of a table (or view) of a tenant's dataset matching `filter` (`WHERE …`, or empty).
+pub async fn count_rows(bq: &BigQuery, table: &str, filter: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
+    scalar_i64(&bq.query(&sql).await.unwrap())
 }
 
 /// Cell `i` of a row as a string (NULL as "NULL").

@@ -356,6 +356,19 @@ impl BigQuery {
             .map(|v| v["labels"].as_object().cloned().unwrap_or_default()))
     }
 
+    /// A label of a table holding a time in microseconds since the epoch (how tenantsync keeps
+    /// its points); None when the table or the label is missing.
+    pub async fn time_label(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<Utc>>, BqError> {
+        let labels = self.table_labels(table).await?;
+        Ok(labels
+            .and_then(|l| l.get(key)?.as_str()?.parse::<i64>().ok())
+            .and_then(chrono::DateTime::from_timestamp_micros))
+    }
+
     /// Set one label of a table (the others stay).
     pub async fn set_label(&self, table: &str, key: &str, value: &str) -> Result<(), BqError> {
         self.patch_table(table, json!({"labels": {key: value}}))

@@ -304,10 +304,9 @@ fn reset_field() -> BqField {
 
 /// `<table>_current`'s cutoff, if it has one.
 pub async fn fold_cutoff(client: &BigQuery, table: &str) -> Result<Option<DateTime<Utc>>, BqError> {
-    let labels = client.table_labels(&current_table(table)).await?;
-    Ok(labels
-        .and_then(|l| l.get(FOLD_CUTOFF_LABEL)?.as_str()?.parse::<i64>().ok())
-        .and_then(DateTime::from_timestamp_micros))
+    client
+        .time_label(&current_table(table), FOLD_CUTOFF_LABEL)
+        .await
 }
 
 /// Merge mode's merge at `point` (see the module documentation). Each step leaves things

@@ -92,10 +92,7 @@ pub async fn listed_before(
     client: &BigQuery,
     table: &str,
 ) -> Result<Option<DateTime<Utc>>, BqError> {
-    let labels = client.table_labels(table).await?;
-    Ok(labels
-        .and_then(|l| l.get(LISTED_BEFORE_LABEL)?.as_str()?.parse::<i64>().ok())
-        .and_then(DateTime::from_timestamp_micros))
+    client.time_label(table, LISTED_BEFORE_LABEL).await
 }
 
 /// The versions of committed batches, as a subquery: insertAll batches listed in the table's

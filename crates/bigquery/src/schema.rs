@@ -270,10 +270,9 @@ pub const MERGE_POINT_LABEL: &str = "tenantsync_merged_through_us";
 
 /// `<table>_current`'s merge point, if it has one.
 pub async fn merge_point(client: &BigQuery, table: &str) -> Result<Option<DateTime<Utc>>, BqError> {
-    let labels = client.table_labels(&current_table(table)).await?;
-    Ok(labels
-        .and_then(|l| l.get(MERGE_POINT_LABEL)?.as_str()?.parse::<i64>().ok())
-        .and_then(DateTime::from_timestamp_micros))
+    client
+        .time_label(&current_table(table), MERGE_POINT_LABEL)
+        .await
 }
 
 /// What one merge into `<table>_current` did.

@@ -4,14 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tenantsync_core::Mode;
-use tenantsync_tests::{scalar_i64, TestEnv};
+use tenantsync_tests::{count_rows as count, TestEnv};
 use tenantsync_worker::NoHooks;
-
-/// Rows of a table (or view) of the tenant's dataset matching `filter`.
-async fn count(bq: &tenantsync_bigquery::BigQuery, table: &str, filter: &str) -> i64 {
-    let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
-    scalar_i64(&bq.query(&sql).await.unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_keeps_young_versions_and_history_keeps_all() {
@@ -28,12 +22,7 @@ async fn compaction_keeps_young_versions_and_history_keeps_all() {
     .unwrap();
     env.add_table("cur", "organization_id").await.unwrap();
     let hist = env.add_table("hist", "organization_id").await.unwrap();
-    sqlx::query("UPDATE table_specs SET mode = $2 WHERE id = $1")
-        .bind(hist.id)
-        .bind(Mode::History.as_str())
-        .execute(env.control.pool())
-        .await
-        .unwrap();
+    env.set_mode(&hist, Mode::History).await.unwrap();
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let mut cfg = env.worker_config();
     // A sync here takes 2-3 s, more on a busy machine (each one also merges into

@@ -10,14 +10,9 @@ use tenantsync_bigquery::listings::LISTED_BEFORE_LABEL;
 use tenantsync_bigquery::BigQuery;
 use tenantsync_core::Mode;
 use tenantsync_store::control::tasks::TaskId;
-use tenantsync_tests::{scalar_i64, CrashOnceAt, TestEnv};
+use tenantsync_tests::{count_rows as count, CrashOnceAt, TestEnv};
 use tenantsync_worker::{CrashPoint, NoHooks, SliceOutcome, WorkerConfig};
 use tokio_util::sync::CancellationToken;
-
-async fn count(bq: &BigQuery, table: &str, filter: &str) -> i64 {
-    let sql = format!("SELECT COUNT(*) FROM {} {filter}", bq.qualified(table));
-    scalar_i64(&bq.query(&sql).await.unwrap())
-}
 
 /// `id:v[:note]` of every row, in id order: what `_latest` shows, or what Postgres holds.
 async fn bq_rows(bq: &BigQuery, view: &str, note: bool) -> Vec<String> {
@@ -79,12 +74,7 @@ async fn listings_are_pruned_and_every_read_stays_exact() {
     .unwrap();
     env.add_table("lcur", "organization_id").await.unwrap();
     let hist = env.add_table("lhist", "organization_id").await.unwrap();
-    sqlx::query("UPDATE table_specs SET mode = $2 WHERE id = $1")
-        .bind(hist.id)
-        .bind(Mode::History.as_str())
-        .execute(env.control.pool())
-        .await
-        .unwrap();
+    env.set_mode(&hist, Mode::History).await.unwrap();
     let t = env.add_tenant("org-1", 1).await.unwrap();
     let worker = env.worker_with(quick(env.worker_config()), Arc::new(NoHooks));
     let bq = env.bq(&t).await.unwrap();
@@ -184,12 +174,7 @@ async fn a_dead_slices_versions_leave_a_history_table_at_the_listing_point() {
         .await
         .unwrap();
     let contacts = env.add_table("contacts", "organization_id").await.unwrap();
-    sqlx::query("UPDATE table_specs SET mode = $2 WHERE id = $1")
-        .bind(contacts.id)
-        .bind(Mode::History.as_str())
-        .execute(env.control.pool())
-        .await
-        .unwrap();
+    env.set_mode(&contacts, Mode::History).await.unwrap();
     let tenant = env.add_tenant("org-1", 1).await.unwrap();
     let task = TaskId {
         tenant_id: tenant.id,
